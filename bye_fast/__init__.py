@@ -1,15 +1,16 @@
 """bye_fast: fast, low-memory "Believe Your Eyes" backdoor-sample detection.
 
-    import bye_fast
-    scores = bye_fast.score(model, loader)        # stage 1: attention entropy
-    det = bye_fast.detect(scores)                 # stages 2-3: profile + cluster
-    bye_fast.filter_dataset("train.json", det, "train.clean.json")
+import bye_fast
+scores = bye_fast.score(model, loader)        # stage 1: attention entropy
+det = bye_fast.detect(scores)                 # stages 2-3: profile + cluster
+bye_fast.filter_dataset("train.json", det, "train.clean.json")
 """
 
 from __future__ import annotations
 
+from bye_fast.score import score, score_reference
 from bye_fast.scores import Scores
 
 __version__ = "0.1.0"
 
-__all__ = ["Scores", "__version__"]
+__all__ = ["Scores", "__version__", "score", "score_reference"]

@@ -1,0 +1,240 @@
+"""The model hook: a transformers attention function that also measures.
+
+:func:`attention_stats_hook` is a context manager that routes the TEXT
+decoder's attention of a HuggingFace model through :func:`_bye_attention`.
+That function returns exactly what transformers' SDPA attention returns and,
+beside it, hands the query row of each sample's last prompt token to the
+statistics kernel (:mod:`bye_fast.kernels.attn_entropy`). No attention map is
+materialised.
+
+How the plug-in works (see ``transformers-attention.md``):
+
+* the function is registered in ``AttentionInterface`` AND the SDPA mask
+  builder in ``AttentionMaskInterface`` under the same name, otherwise the
+  function always receives ``attention_mask=None`` and padding is lost;
+* the mask is ``None`` when nothing is padded, else a bool (B, 1, Lq, Lk) tensor
+  with True = attend; we take the query row of it, which folds in padding,
+  causality and any sliding window;
+* keys arrive unrepeated for grouped-query attention (the kernel handles it);
+* vision-tower attention modules have no ``layer_idx`` and pass straight through.
+
+The active collector is held in a :class:`contextvars.ContextVar`, so two
+threads scoring two models do not see each other's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from bye_fast.kernels.attn_entropy import attn_image_stats, head_mean_entropy
+
+__all__ = ["ATTN_IMPLEMENTATION", "BatchCollector", "attention_stats_hook", "register"]
+
+#: The name under which bye_fast's attention function is registered in transformers.
+ATTN_IMPLEMENTATION = "bye_fast_sdpa"
+
+_ACTIVE: contextvars.ContextVar[BatchCollector | None] = contextvars.ContextVar(
+    "bye_fast_collector", default=None
+)
+
+
+class _StopForward(Exception):
+    """Raised after the last decoder layer's statistics: the rest of the forward is unused."""
+
+
+@dataclass
+class BatchCollector:
+    """Per-batch state shared by all decoder layers of one forward pass.
+
+    Parameters
+    ----------
+    qpos : (B,) index of each row's query token (its last attended position).
+    image_mask : (B, N) bool, True at image tokens.
+    key_valid : (B, N) bool, keys the query row may attend (padding + causality);
+        used when a layer receives ``attention_mask=None``.
+    n_layers : number of decoder layers.
+    stop_after_last_layer : raise :class:`_StopForward` once layer ``n_layers-1`` is done.
+    backend : kernel backend ("auto", "triton", "torch").
+    """
+
+    qpos: torch.Tensor
+    image_mask: torch.Tensor
+    key_valid: torch.Tensor
+    n_layers: int
+    stop_after_last_layer: bool = False
+    backend: str = "auto"
+    head_entropy: dict[int, torch.Tensor] = field(default_factory=dict)
+    image_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    image_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    _row_masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def key_valid_for(self, attention_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
+        if n_keys != self.key_valid.shape[1]:
+            raise RuntimeError(
+                f"bye_fast scores a single prefill pass: got {n_keys} keys for {self.key_valid.shape[1]} "
+                "input tokens (is a KV cache or a prompt-compression step active?)"
+            )
+        if attention_mask is None:
+            return self.key_valid
+        cached = self._row_masks.get(id(attention_mask))
+        if cached is not None and cached[0] is attention_mask:
+            return cached[1]
+        B = self.qpos.shape[0]
+        rows = attention_mask[torch.arange(B, device=attention_mask.device), 0, self.qpos]  # (B, N)
+        if rows.dtype != torch.bool:  # additive float mask (0 = attend)
+            rows = rows > torch.finfo(rows.dtype).min / 2
+        rows = rows.to(self.key_valid.device)
+        self._row_masks[id(attention_mask)] = (attention_mask, rows)
+        return rows
+
+    def add(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling) -> None:
+        if layer_idx in self.head_entropy:
+            raise RuntimeError(f"decoder layer {layer_idx} attended twice in one forward pass")
+        n_keys = key.shape[2]
+        if query.shape[2] != n_keys:
+            raise RuntimeError(
+                f"bye_fast expects one prefill pass (queries = keys); layer {layer_idx} got "
+                f"{query.shape[2]} queries for {n_keys} keys"
+            )
+        key_valid = self.key_valid_for(attention_mask, n_keys)
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        stats = attn_image_stats(
+            query, key, self.qpos, key_valid, self.image_mask, scale, backend=self.backend
+        )
+        self.head_entropy[layer_idx] = stats.head_entropy
+        self.image_mass[layer_idx] = stats.image_mass
+        self.image_attn[layer_idx] = stats.image_attn
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stack layers: entropy (B, L), head_entropy (B, L, H), image_mass (B, L), float32 on CPU.
+
+        Layers that never reported (a non-attention layer, say) are NaN.
+        """
+        if not self.head_entropy:
+            raise NotImplementedError(
+                "no decoder layer called the attention interface: this model's text attention does not go "
+                "through transformers' AttentionInterface, so the fused path cannot see it. "
+                "Use bye_fast.score_reference(model, loader) (eager attention, output_attentions=True)."
+            )
+        ref = next(iter(self.head_entropy.values()))
+        B, H = ref.shape
+        layers = range(self.n_layers)
+        nan_bh = torch.full((B, H), float("nan"), device=ref.device)
+        he = torch.stack([self.head_entropy.get(i, nan_bh) for i in layers], dim=1)
+        nan_b = torch.full((B,), float("nan"), device=ref.device)
+        mass = torch.stack([self.image_mass.get(i, nan_bh).mean(-1) for i in layers], dim=1)
+        present = [i for i in layers if i in self.image_attn]
+        ent = torch.stack([nan_b] * self.n_layers, dim=1)
+        if present:
+            stacked = torch.stack([self.image_attn[i] for i in present], dim=1)  # (B, Lp, N)
+            ent[:, present] = head_mean_entropy(stacked)
+        return ent.float().cpu(), he.float().cpu(), mass.float().cpu()
+
+
+def _bye_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA attention plus, for text decoder layers, the query row's image-attention statistics."""
+    out = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    collector = _ACTIVE.get()
+    layer_idx = getattr(module, "layer_idx", None)
+    if collector is not None and layer_idx is not None:
+        collector.add(int(layer_idx), query, key, attention_mask, scaling)
+        if collector.stop_after_last_layer and int(layer_idx) == collector.n_layers - 1:
+            raise _StopForward
+    return out
+
+
+def register() -> None:
+    """Register the attention function and its mask builder with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _bye_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _all_configs(config) -> Iterator:
+    seen: set[int] = set()
+    stack = [config]
+    while stack:
+        c = stack.pop()
+        if c is None or id(c) in seen:
+            continue
+        seen.add(id(c))
+        yield c
+        for key in getattr(c, "sub_configs", {}) or {}:
+            stack.append(getattr(c, key, None))
+
+
+def text_config(model):
+    """The text decoder's config of a multimodal (or plain) model."""
+    cfg = model.config
+    try:
+        return cfg.get_text_config(decoder=True)
+    except (AttributeError, TypeError):
+        return getattr(cfg, "text_config", cfg)
+
+
+@contextlib.contextmanager
+def preserved_model_state(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every config's attention implementation and the training mode on exit."""
+    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in _all_configs(model.config)]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for c, impl in saved:
+            c.__dict__["_attn_implementation_internal"] = impl
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def attention_stats_hook(model: torch.nn.Module) -> Iterator[None]:
+    """Route the text decoder's attention through bye_fast for the duration of the block.
+
+    The vision tower keeps its own implementation. The model's attention
+    settings and training mode are restored on exit, even on error.
+    """
+    register()
+    text_cfg = text_config(model)
+    with preserved_model_state(model):
+        set_text_attn_implementation(model, text_cfg, ATTN_IMPLEMENTATION)
+        model.eval()
+        yield
+
+
+def set_text_attn_implementation(model, text_cfg, name: str) -> None:
+    """Set ``name`` on the text config only (other sub-configs keep theirs)."""
+    if text_cfg is model.config:
+        model.set_attn_implementation(name)
+        return
+    mapping = {}
+    for key in model.config.sub_configs:
+        sub = getattr(model.config, key, None)
+        if sub is None:
+            continue
+        mapping[key] = name if sub is text_cfg else (sub._attn_implementation or "sdpa")
+    if text_cfg not in [getattr(model.config, k, None) for k in model.config.sub_configs]:
+        raise NotImplementedError(
+            f"cannot locate the text decoder config of {type(model).__name__}; use bye_fast.score_reference"
+        )
+    model.set_attn_implementation(mapping)
+
+
+@contextlib.contextmanager
+def collecting(collector: BatchCollector) -> Iterator[BatchCollector]:
+    """Make ``collector`` the active one in this context."""
+    token = _ACTIVE.set(collector)
+    try:
+        yield collector
+    except _StopForward:
+        pass
+    finally:
+        _ACTIVE.reset(token)

@@ -1,0 +1,167 @@
+"""bye_fast.score (fused) against bye_fast.score_reference (eager, output_attentions) on tiny models."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+import bye_fast
+from bye_fast.hook import ATTN_IMPLEMENTATION, BatchCollector, attention_stats_hook, collecting
+from bye_fast.score import _prepare
+
+from ._models import FAMILIES, llava
+
+FIELDS = ("entropy", "head_entropy", "image_mass")
+
+
+def _attn_impls(model):
+    return (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fused_matches_reference(family, padding_side):
+    model, batches = FAMILIES[family](padding_side=padding_side)
+    before = _attn_impls(model)
+    fused = bye_fast.score(model, batches, progress=False)
+    ref = bye_fast.score_reference(model, batches, progress=False)
+    assert _attn_impls(model) == before
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    assert fused.entropy.shape == (n, 3)
+    assert fused.head_entropy.shape == (n, 3, 4)
+    np.testing.assert_array_equal(fused.ids, np.arange(n))
+    np.testing.assert_array_equal(fused.n_image_tokens, ref.n_image_tokens)
+    for field in FIELDS:
+        a, b = getattr(fused, field), getattr(ref, field)
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=field)
+    # the test is only meaningful if entropies vary between samples and layers (not uniform attention)
+    assert np.ptp(fused.entropy) > 0.05
+    assert (fused.entropy < np.log(fused.n_image_tokens)[:, None] + 1e-4).all()
+
+
+def test_padding_side_does_not_change_scores():
+    model, left = llava("left")
+    _, right = llava("right")
+    a = bye_fast.score(model, left, progress=False)
+    b = bye_fast.score(model, right, progress=False)
+    for field in FIELDS:
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=2e-5)
+
+
+def test_model_outputs_unchanged_by_the_hook():
+    """The plugged-in attention returns exactly what SDPA returns."""
+    model, batches = llava("right")
+    batch = batches[0]
+    with torch.inference_mode():
+        plain = model(**batch).logits
+    prepared = _prepare({**batch}, 0, model.config.image_token_id, torch.device("cpu"), torch.float32)
+    collector = BatchCollector(
+        prepared.qpos, prepared.image_mask, prepared.key_valid, n_layers=3, stop_after_last_layer=False
+    )
+    with attention_stats_hook(model), torch.inference_mode(), collecting(collector):
+        assert model.config.text_config._attn_implementation == ATTN_IMPLEMENTATION
+        hooked = model(**batch).logits
+    assert torch.equal(plain, hooked)
+    assert sorted(collector.head_entropy) == [0, 1, 2]
+
+
+def test_ids_carried_and_defaulted():
+    model, batches = llava(n_batches=2, batch_size=2)
+    with_ids = [{**b, "ids": [f"s{i}{j}" for j in range(2)]} for i, b in enumerate(batches)]
+    s = bye_fast.score(model, with_ids, progress=False)
+    assert s.ids.tolist() == ["s00", "s01", "s10", "s11"]
+    assert "ids" in with_ids[0]  # the user's batch is not mutated
+    s2 = bye_fast.score(model, batches, progress=False)
+    assert s2.ids.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(s.entropy, s2.entropy)
+
+
+def test_model_state_restored_on_error():
+    model, batches = llava()
+    model.train()
+    before = _attn_impls(model)
+    bad = [batches[0], {"attention_mask": batches[0]["attention_mask"]}]
+    with pytest.raises(ValueError, match="batch 1: has no 'input_ids'"):
+        bye_fast.score(model, bad, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert _attn_impls(model) == before
+
+
+def test_row_without_image_gives_nan_and_warning():
+    model, batches = llava(n_batches=1, batch_size=3)
+    batch = dict(batches[0])
+    ids = batch["input_ids"].clone()
+    ids[1][ids[1] == model.config.image_token_id] = 7  # row 1 loses its image tokens
+    batch["input_ids"] = ids
+    batch["pixel_values"] = batch["pixel_values"][[0, 2]]
+    batch["ids"] = ["a", "b", "c"]
+    with pytest.warns(UserWarning, match="1 sample.*no image token.*'b'"):
+        s = bye_fast.score(model, [batch], progress=False)
+    assert s.no_image_ids == ["b"]
+    assert np.isnan(s.entropy[1]).all() and np.isnan(s.head_entropy[1]).all()
+    assert np.isfinite(s.entropy[[0, 2]]).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, batches = llava(n_batches=1)
+    with pytest.raises(ValueError, match="no batch"):
+        bye_fast.score(model, [], progress=False)
+    with pytest.raises(ValueError, match="batch 0: 'ids' has 2 entries for 3 rows"):
+        bye_fast.score(model, [{**batches[0], "ids": ["a", "b"]}], progress=False)
+    with pytest.raises(ValueError, match="batch 0: expected a dict"):
+        bye_fast.score(model, [batches[0]["input_ids"]], progress=False)
+    orig = model.config.image_token_id
+    model.config.image_token_id = None  # a model that does not say which token is the image
+    try:
+        assert getattr(model.config, "image_token_index", None) is None
+        with pytest.raises(ValueError, match="pass image_token_id="):
+            bye_fast.score(model, batches, progress=False)
+    finally:
+        model.config.image_token_id = orig
+    # an explicit image_token_id works and gives the same result
+    a = bye_fast.score(model, batches, progress=False)
+    b = bye_fast.score(model, batches, image_token_id=model.config.image_token_id, progress=False)
+    np.testing.assert_array_equal(a.entropy, b.entropy)
+
+
+def test_attention_outside_interface_is_refused():
+    model, batches = llava(n_batches=1)
+
+    def manual_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        out, w = eager_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), w
+
+    for layer in model.model.language_model.layers:
+        layer.self_attn.forward = types.MethodType(manual_forward, layer.self_attn)
+    with pytest.raises(NotImplementedError, match="score_reference"):
+        bye_fast.score(model, batches, progress=False)
+
+
+def test_progress_bar_reports_samples(capsys):
+    model, batches = llava(n_batches=1)
+    bye_fast.score(model, batches, progress=True)
+    err = capsys.readouterr().err
+    assert "bye_fast.score" in err and "sample" in err
+
+
+def test_bfloat16_model_close_to_float32():
+    model, batches = llava()
+    ref = bye_fast.score(model, batches, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = bye_fast.score(model.to(torch.bfloat16), batches, progress=False)
+    # bf16 weights and activations: the statistic moves, but stays close
+    np.testing.assert_allclose(s.entropy, ref.entropy, rtol=5e-2, atol=5e-2)
