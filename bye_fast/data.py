@@ -202,8 +202,10 @@ def _read(path: Path) -> tuple[list[dict], str]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
+            hint = "" if path.suffix.lower() in _JSONL_SUFFIXES else " (read as JSONL: no '[' at the start)"
             raise ValueError(
-                f"{path}: line {lineno} (record {len(records)}): invalid JSON at column {e.colno}: {e.msg}"
+                f"{path}: line {lineno} (record {len(records)}): invalid JSON at column {e.colno}: "
+                f"{e.msg}{hint}"
             ) from None
         lines.append(lineno)
     _validate(records, str(path), lambda i: f"{path}: line {lines[i]} (record {i})")
