@@ -107,50 +107,51 @@ def _file_format(path: Path, text: str | None = None) -> str:
     return "jsonl"
 
 
-def _check_record(record: Any, where: str, seen: dict[str, tuple[Any, str]]) -> None:
-    """Validate one record in place of ``where`` (``"file: record 3"``); update ``seen``."""
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with one record (not counting duplicate ids), or None."""
     if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        return f"a record must be a JSON object, got {type(record).__name__}"
     if "id" not in record:
-        raise ValueError(f"{where}: record has no 'id'")
+        return "record has no 'id'"
     rid = record["id"]
     try:
-        key = _id_key(rid)
+        _id_key(rid)
     except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if key in seen:
-        first, first_where = seen[key]
-        same = "" if first == rid else f" (same as id {first!r})"
-        raise ValueError(f"{where}: duplicate id {rid!r}{same}, first seen at {first_where}")
-    seen[key] = (rid, where)
+        return str(e)
     images = record.get("image")
     if images is not None:
         paths = [images] if isinstance(images, str) else images
         if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-            raise ValueError(
-                f"{where} (id {rid!r}): 'image' must be a non-empty path or a list of them, got {images!r}"
-            )
+            return f"(id {rid!r}): 'image' must be a non-empty path or a list of them, got {images!r}"
     conversations = record.get("conversations")
     if conversations is None:
-        raise ValueError(f"{where} (id {rid!r}): record has no 'conversations'")
+        return f"(id {rid!r}): record has no 'conversations'"
     if not isinstance(conversations, list) or not all(isinstance(t, Mapping) for t in conversations):
-        raise ValueError(f"{where} (id {rid!r}): 'conversations' must be a list of objects")
+        return f"(id {rid!r}): 'conversations' must be a list of objects"
     turn = _first_human_turn(conversations)
     if turn is None:
-        raise ValueError(
-            f"{where} (id {rid!r}): 'conversations' has no human turn "
-            f"(a turn whose 'from' is one of {sorted(HUMAN_ROLES)})"
-        )
+        roles = sorted(HUMAN_ROLES)
+        return f"(id {rid!r}): 'conversations' has no human turn (a turn whose 'from' is one of {roles})"
     if not isinstance(turn.get("value"), str):
-        raise ValueError(f"{where} (id {rid!r}): the first human turn has no text 'value'")
+        return f"(id {rid!r}): the first human turn has no text 'value'"
+    return None
 
 
 def _validate(records: Iterable[Any], source: str, where: Callable[[int], str] | None = None) -> None:
-    """Validate all records; ``where(i)`` names record ``i`` in messages."""
+    """Validate all records and the uniqueness of their ids; ``where(i)`` names record ``i``."""
     where = where or (lambda i: f"{source}: record {i}")
-    seen: dict[str, tuple[Any, str]] = {}
+    seen: dict[str, int] = {}
     for i, record in enumerate(records):
-        _check_record(record, where(i), seen)
+        problem = _record_problem(record)
+        if problem is not None:
+            sep = "" if problem.startswith("(") else ":"  # "file: record 3 (id 'x'): ..."
+            raise ValueError(f"{where(i)}{sep} {problem}")
+        key = _id_key(record["id"])
+        first = seen.setdefault(key, i)
+        if first != i:
+            rid, other = record["id"], records[first]["id"] if isinstance(records, Sequence) else None
+            same = f" (same as id {other!r})" if other is not None and other != rid else ""
+            raise ValueError(f"{where(i)}: duplicate id {rid!r}{same}, first seen at {where(first)}")
 
 
 def load_records(path: PathLike) -> list[dict]:
@@ -623,7 +624,8 @@ def _write_temp(path: Path, records: list, fmt: str, mode: int) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            os.fchmod(f.fileno(), mode)
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(f.fileno(), mode)
             _dump(records, f, fmt)
             f.flush()
             os.fsync(f.fileno())
