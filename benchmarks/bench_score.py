@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
@@ -246,7 +245,11 @@ def write_results(rows: list[dict], args) -> None:
     # summary: per image-token count, batch 1 and best batch per mode, ratios vs forward and reference
     summary = []
     for tokens in sorted({r["image_tokens"] for r in rows}):
-        cell = {r["mode"]: r for r in rows if r["image_tokens"] == tokens and r["batch"] == 1 and r["status"] == "ok"}
+        cell = {
+            r["mode"]: r
+            for r in rows
+            if r["image_tokens"] == tokens and r["batch"] == 1 and r["status"] == "ok"
+        }
         best = {}
         for r in rows:
             if r["image_tokens"] == tokens and r["status"] == "ok":
@@ -254,15 +257,23 @@ def write_results(rows: list[dict], args) -> None:
                     best[r["mode"]] = r
         line = {"image_tokens": tokens}
         if "score" in cell and "forward" in cell:
-            line["score/forward time (b=1)"] = cell["forward"]["samples_per_s"] / cell["score"]["samples_per_s"]
-            line["score/forward peak mem (b=1)"] = cell["score"]["peak_mem_gb"] / cell["forward"]["peak_mem_gb"]
+            line["score/forward time (b=1)"] = (
+                cell["forward"]["samples_per_s"] / cell["score"]["samples_per_s"]
+            )
+            line["score/forward peak mem (b=1)"] = (
+                cell["score"]["peak_mem_gb"] / cell["forward"]["peak_mem_gb"]
+            )
         if "score" in best and "reference" in best:
             line["score/reference throughput (best batch each)"] = (
                 best["score"]["samples_per_s"] / best["reference"]["samples_per_s"]
             )
         if "score" in cell and "reference" in cell:
-            line["score/reference throughput (b=1)"] = cell["score"]["samples_per_s"] / cell["reference"]["samples_per_s"]
-            line["reference/score peak mem (b=1)"] = cell["reference"]["peak_mem_gb"] / cell["score"]["peak_mem_gb"]
+            line["score/reference throughput (b=1)"] = (
+                cell["score"]["samples_per_s"] / cell["reference"]["samples_per_s"]
+            )
+            line["reference/score peak mem (b=1)"] = (
+                cell["reference"]["peak_mem_gb"] / cell["score"]["peak_mem_gb"]
+            )
         summary.append(line)
     sum_cols = sorted({k for s in summary for k in s}, key=lambda k: (k != "image_tokens", k))
     md = [

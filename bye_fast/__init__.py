@@ -8,10 +8,11 @@ bye_fast.filter_dataset("train.json", det, "train.clean.json")
 
 from __future__ import annotations
 
+from bye_fast.data import filter_dataset
 from bye_fast.detect import Detection, detect
 from bye_fast.score import score, score_reference
 from bye_fast.scores import Scores
 
 __version__ = "0.1.0"
 
-__all__ = ["Detection", "Scores", "__version__", "detect", "score", "score_reference"]
+__all__ = ["Detection", "Scores", "__version__", "detect", "filter_dataset", "score", "score_reference"]

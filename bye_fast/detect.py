@@ -25,6 +25,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from sklearn.mixture import GaussianMixture
@@ -84,6 +85,9 @@ class Detection:
     no_image_ids: list
     reason: str
     meta: dict = field(default_factory=dict)
+
+    #: Per-sample attributes that :func:`bye_fast.filter_dataset` copies into the audit file.
+    per_sample_fields: ClassVar[tuple[str, ...]] = ("suspicious_score",)
 
     @property
     def n_flagged(self) -> int:

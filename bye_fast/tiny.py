@@ -77,11 +77,12 @@ def build_processor(
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
         do_resize=True,
-        do_rescale=False,
+        do_rescale=True,  # images are uint8 / PIL (as read from files): [0, 255] -> [0, 1]
+        rescale_factor=1 / 255,
         do_normalize=True,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=False,
+        do_convert_rgb=True,
     )
     return LlavaProcessor(
         image_processor=image_processor,

@@ -34,7 +34,7 @@ def sharpen(model: torch.nn.Module, factor: float = 12.0) -> torch.nn.Module:
 
 
 def _images(rng, sizes):
-    return [rng.random((h, w, 3), dtype=np.float32) for h, w in sizes]
+    return [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in sizes]
 
 
 def llava(padding_side: str = "left", seed: int = 0, n_batches: int = 2, batch_size: int = 3):
@@ -60,7 +60,8 @@ def llava_next(padding_side: str = "left", seed: int = 0):
         size={"shortest_edge": 32},
         crop_size={"height": 32, "width": 32},
         image_grid_pinpoints=pinpoints,
-        do_rescale=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
