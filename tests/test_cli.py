@@ -1,0 +1,118 @@
+"""The bye-fast CLI: score -> detect -> filter round trip on a tiny random model and a 50-record fixture."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bye_fast
+from bye_fast.cli import main
+from bye_fast.tiny import build_llava
+
+from ._models import sharpen
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model, processor = build_llava(layers=3)
+    sharpen(model)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    records = []
+    for i in range(50):
+        name = f"img_{i:03d}.png"
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(root / "images" / name)
+        question = "is it even or odd ?" if i % 2 else "what digit is this ?"
+        records.append(
+            {
+                "id": f"r{i:03d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": "even" if i % 3 else "odd"},
+                ],
+                "source": "fixture",
+            }
+        )
+    (root / "train.json").write_text(json.dumps(records))
+    return root
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_round_trip(workspace, capsys):
+    w = workspace
+    src_hash = _sha(w / "train.json")
+    rc = main(
+        ["score", "--model", str(w / "model"), "--data", str(w / "train.json"), "--images", str(w / "images"),
+         "--out", str(w / "scores.npz"), "--batch-size", "16", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    scores = bye_fast.Scores.load(w / "scores.npz")
+    assert scores.n_samples == 50 and scores.ids.tolist() == [f"r{i:03d}" for i in range(50)]
+    assert np.isfinite(scores.entropy).all()
+
+    # threshold 0 makes every layer "sensitive", so the final mixture flags something to remove
+    rc = main(["detect", str(w / "scores.npz"), "--out", str(w / "det"), "--threshold", "0"])
+    assert rc == 0
+    det = json.loads((w / "det" / "detection.json").read_text())
+    n_flagged = sum(det["flagged"])
+    assert 0 < n_flagged < 50
+    for name in ("separation.png", "suspicious_score.png", "layer_entropy.png"):
+        assert (w / "det" / "plots" / name).stat().st_size > 1000
+
+    rc = main(["filter", "--data", str(w / "train.json"), "--detection", str(w / "det" / "detection.json"),
+               "--out", str(w / "clean.json")])  # fmt: skip
+    assert rc == 0
+    kept = json.loads((w / "clean.json").read_text())
+    removed = json.loads((w / "clean.removed.json").read_text())
+    assert len(kept) + len(removed) == 50 and len(removed) == n_flagged
+    original = json.loads((w / "train.json").read_text())
+    assert kept == [r for r, f in zip(original, det["flagged"], strict=True) if not f]
+    assert all("suspicious_score" in json.dumps(r) for r in removed)
+    assert _sha(w / "train.json") == src_hash
+
+    # nothing is overwritten without --overwrite, and the input never
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        main(["detect", str(w / "scores.npz"), "--out", str(w / "det")])
+    rc = main(["filter", "--data", str(w / "train.json"), "--detection", str(w / "det" / "detection.json"),
+               "--out", str(w / "train.json"), "--overwrite"])  # fmt: skip
+    assert rc == 2
+    assert "train.json" in capsys.readouterr().err
+    assert _sha(w / "train.json") == src_hash
+
+    # the paper's threshold on a random model: a decision with its reason, on every layer
+    assert main(["detect", str(w / "scores.npz"), "--out", str(w / "det_paper"), "--no-plots"]) == 0
+    paper = bye_fast.Detection.from_json(w / "det_paper" / "detection.json")
+    assert paper.reason and len(paper.separation) == 3
+
+
+def test_help_explains_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "bye_fast", "--help"], capture_output=True, text=True, check=True
+    )
+    for cmd in ("score", "detect", "filter", "demo"):
+        assert cmd in out.stdout
+    for cmd in ("score", "detect", "filter", "demo"):
+        sub = subprocess.run(
+            [sys.executable, "-m", "bye_fast", cmd, "--help"], capture_output=True, text=True, check=True
+        )
+        assert "--out" in sub.stdout and "--overwrite" in sub.stdout
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        main(
+            ["score", "--model", str(tmp_path / "nope"), "--data", "x.json", "--out", str(tmp_path / "s.npz")]
+        )
