@@ -244,7 +244,7 @@ if triton is not None:
             S_i is kept relative to the running max (x_t - m_i <= 0) rather than as
             sum 2^(x-m) * x, so H does not come from cancelling two large numbers.
         pass 2 (over N again, scores recomputed; nothing (B, H, N) is stored)
-            p_t = 2^(x_t - log2-lse) at attended image keys, summed over the G heads
+            p_t = 2^((x_t - m) - log2 Z) at attended image keys, summed over the G heads
             and atomically added into image_attn[b, t] (Hkv programs per sample).
         """
         LN2 = 0.6931471805599453  # (module globals are not visible to compiled kernels)
@@ -319,12 +319,16 @@ if triton is not None:
             z_i = z_i * alpha_i + tl.sum(p_i, axis=1)
             m_i = mi_new
 
-        lse2 = m + tl.log2(z)  # log2 units; -inf when no key is attended (z == 0)
+        # log2-lse = m + log2 Z, -inf when no key is attended (Z == 0). Below it is
+        # used as (x - m) - log2 Z rather than x - (m + log2 Z): x and m are both
+        # large, their difference is exact-ish, and the rounding of the sum is avoided.
+        log2_z = tl.log2(z)
+        lse2 = m + log2_z
         has_img = z_i > 0
         z_i_safe = tl.where(has_img, z_i, 1.0)
         ent = LN2 * (tl.log2(z_i_safe) - s_i / z_i_safe)
         ent = tl.where(has_img, ent, float("nan"))
-        mass = tl.where(has_img, tl.exp2(m_i + tl.log2(z_i_safe) - lse2), 0.0)
+        mass = tl.where(has_img, tl.exp2((m_i - m) + (tl.log2(z_i_safe) - log2_z)), 0.0)
 
         out_offs = b * stride_ob + heads
         tl.store(lse_ptr + out_offs, lse2 * LN2, mask=g_mask)
@@ -349,7 +353,7 @@ if triton is not None:
             valid = tl.load(valid_base + offs_n * stride_vn, mask=n_mask, other=0) != 0
             img = (tl.load(img_base + offs_n * stride_in, mask=n_mask, other=0) != 0) & valid
             keep = img[None, :] & g_mask[:, None]
-            p = tl.where(keep, tl.exp2(x - lse2[:, None]), 0.0)
+            p = tl.where(keep, tl.exp2((x - m[:, None]) - log2_z[:, None]), 0.0)
             # Other kv heads of sample b add into the same entries: atomics, only at
             # image keys. Summation order across kv heads is not fixed, so the
             # last bits of image_attn may differ run to run (fp32 rounding only).
