@@ -5,6 +5,7 @@ from bye_fast.kernels.attn_entropy import (
     attn_image_stats,
     attn_image_stats_reference,
     attn_image_stats_torch,
+    attn_image_stats_triton,
     head_mean_entropy,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "attn_image_stats",
     "attn_image_stats_reference",
     "attn_image_stats_torch",
+    "attn_image_stats_triton",
     "head_mean_entropy",
 ]
