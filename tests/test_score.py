@@ -165,3 +165,15 @@ def test_bfloat16_model_close_to_float32():
         s = bye_fast.score(model.to(torch.bfloat16), batches, progress=False)
     # bf16 weights and activations: the statistic moves, but stays close
     np.testing.assert_allclose(s.entropy, ref.entropy, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_triton_backend_matches_reference(family):
+    """The fused Triton kernel inside the model hook (interpreter on CPU, compiled on CUDA)."""
+    model, batches = FAMILIES[family](padding_side="right")
+    fused = bye_fast.score(model, batches, progress=False, backend="triton")
+    ref = bye_fast.score_reference(model, batches, progress=False)
+    for field in FIELDS:
+        np.testing.assert_allclose(
+            getattr(fused, field), getattr(ref, field), atol=1e-4, rtol=0, err_msg=field
+        )

@@ -141,10 +141,10 @@ def attn_image_stats_torch(
     s_img = s.masked_fill(~img, float("-inf"))
     lse_img = torch.logsumexp(s_img, dim=-1)  # (B, H), -inf without image keys
     has_img = torch.isfinite(lse_img)
-    p = torch.exp(s_img - lse_img[..., None])  # renormalised over image keys
-    # -sum p log p = lse_img - sum p s  (p log p := 0 where p == 0)
-    ps = torch.where(img, p * s_img.masked_fill(~img, 0.0), 0.0).sum(-1)
-    ent = torch.where(has_img, lse_img - ps, torch.full_like(lse_img, float("nan")))
+    log_p = (s_img - lse_img[..., None]).masked_fill(~img, 0.0)  # log of the image-renormalised probs
+    # -sum p log p, with log p formed before the sum (no cancellation between two large numbers)
+    ent = -torch.where(img, torch.exp(log_p) * log_p, 0.0).sum(-1)
+    ent = torch.where(has_img, ent, torch.full_like(lse_img, float("nan")))
     mass = torch.where(has_img, torch.exp(lse_img - lse), torch.zeros_like(lse))
     image_attn = torch.where(img, torch.exp(s - lse[..., None]), 0.0).sum(1)  # (B, N)
     return AttnImageStats(lse, ent, mass, image_attn)
