@@ -394,7 +394,9 @@ class BimodalStats:
 
     def __repr__(self) -> str:
         count = self.count
-        rows = f"{int(count.min())}" if count.min() == count.max() else f"{int(count.min())}..{int(count.max())}"
+        rows = (
+            f"{int(count.min())}" if count.min() == count.max() else f"{int(count.min())}..{int(count.max())}"
+        )
         extra = ""
         n_bad = int(self.n_nonfinite.sum())
         n_clamped = int(self.n_clamped_low.sum() + self.n_clamped_high.sum())

@@ -60,6 +60,7 @@ BimodalStats::BimodalStats(std::int64_t n_features, double lo, double hi, std::i
     }
     const auto F = static_cast<std::size_t>(n_features);
     count_.assign(F, 0);
+    shift_.assign(F, 0.0);
     mean_.assign(F, 0.0);
     m2_.assign(F, 0.0);
     m3_.assign(F, 0.0);
@@ -101,6 +102,29 @@ void BimodalStats::combine_moments(std::int64_t f, double nb, double mb, double 
     m4_[f] = m4a + m4b + t * dn2 * (na * na - na * nb + nb * nb) + 6.0 * dn2 * (na * na * m2b + nb * nb * m2a) +
              4.0 * dn * (na * m3b - nb * m3a);
     count_[f] += static_cast<std::int64_t>(nb);
+}
+
+void BimodalStats::add_block(std::int64_t f, double n, double c, double s1, double s2, double s3, double s4,
+                             double mn, double mx) {
+    // s_k = sum (x - shift - c)^k around the provisional block mean c (relative to the feature's
+    // origin), which is off by rounding.
+    // Re-centre on the corrected mean c + delta, delta = s1 / n (corrected two-pass algorithm,
+    // Chan, Golub & LeVeque 1983). Without it, M3 and M4 carry relative errors ~ delta / sigma,
+    // about 1e-10 for data like 1e4 + N(0, 0.01^2).
+    if (mn == mx) {  // constant block: exact mean, zero moments
+        combine_moments(f, n, mn - shift_[f], 0.0, 0.0, 0.0, mn, mx);
+        return;
+    }
+    const double delta = s1 / n;
+    const double d2 = delta * delta;
+    const double m2 = std::max(s2 - n * d2, 0.0);
+    const double m3 = s3 - 3.0 * delta * s2 + 2.0 * n * d2 * delta;
+    const double m4 = std::max(s4 - 4.0 * delta * s3 + 6.0 * d2 * s2 - 3.0 * n * d2 * d2, 0.0);
+    combine_moments(f, n, c + delta, m2, m3, m4, mn, mx);
+}
+
+double BimodalStats::mean(std::int64_t f) const {
+    return count_[f] == 0 ? kNaN : shift_[f] + mean_[f];
 }
 
 double BimodalStats::variance(std::int64_t f) const {
@@ -145,6 +169,18 @@ inline std::int64_t BimodalStats::bin_of(double x, std::int64_t f) {
 
 // ---------------------------------------------------------------------------------------- update
 
+// Block mean relative to the feature's origin, from the block's count, sum of (x - origin), min and
+// max. The first block of a feature (count_ == 0, origin 0) sets the origin to its own mean.
+double BimodalStats::provisional_mean(std::int64_t f, double n, double sum, double mn, double mx) {
+    if (n == 0.0) return 0.0;
+    if (count_[f] == 0) {
+        shift_[f] = mn == mx ? mn : sum / n;
+        return 0.0;
+    }
+    // A constant block gets its mean exactly, so that a constant feature keeps M2 == 0 exactly.
+    return mn == mx ? mn - shift_[f] : sum / n;
+}
+
 template <class T, bool Contiguous>
 void BimodalStats::update_rows(const T* data, std::int64_t n_rows, std::ptrdiff_t rs, std::ptrdiff_t cs) {
     const std::int64_t F = n_features_;
@@ -154,9 +190,11 @@ void BimodalStats::update_rows(const T* data, std::int64_t n_rows, std::ptrdiff_
     double* bmean = blk_mean_.data();
     double* bmin = blk_min_.data();
     double* bmax = blk_max_.data();
+    double* s1 = blk_s1_.data();
     double* s2 = blk_s2_.data();
     double* s3 = blk_s3_.data();
     double* s4 = blk_s4_.data();
+    double* shift = shift_.data();
     std::int64_t* hist = hist_.data();
     auto at = [cs](const T* row, std::int64_t j) -> double {
         if constexpr (Contiguous) {
@@ -173,6 +211,9 @@ void BimodalStats::update_rows(const T* data, std::int64_t n_rows, std::ptrdiff_
         std::fill(bsum, bsum + F, 0.0);
         std::fill(bmin, bmin + F, kInf);
         std::fill(bmax, bmax + F, -kInf);
+        for (std::int64_t j = 0; j < F; ++j) {
+            if (count_[j] == 0) shift[j] = 0.0;  // no origin yet: this block's mean becomes it
+        }
         // Pass 1: counts, sums, min/max (vectorisable), then the histogram scatter.
         for (std::int64_t i = r0; i < r1; ++i) {
             const T* row = data + i * rs;
@@ -180,7 +221,7 @@ void BimodalStats::update_rows(const T* data, std::int64_t n_rows, std::ptrdiff_
                 const double x = at(row, j);
                 const bool ok = finite(x);
                 bn[j] += ok ? 1.0 : 0.0;
-                bsum[j] += ok ? x : 0.0;
+                bsum[j] += ok ? x - shift[j] : 0.0;
                 bmin[j] = (ok && x < bmin[j]) ? x : bmin[j];
                 bmax[j] = (ok && x > bmax[j]) ? x : bmax[j];
             }
@@ -194,11 +235,10 @@ void BimodalStats::update_rows(const T* data, std::int64_t n_rows, std::ptrdiff_
             }
         }
         for (std::int64_t j = 0; j < F; ++j) {
-            // A constant block gets its mean exactly (sum / n may be off by an ulp), so that a
-            // constant feature ends with M2 == 0 exactly.
-            bmean[j] = bn[j] > 0.0 ? (bmin[j] == bmax[j] ? bmin[j] : bsum[j] / bn[j]) : 0.0;
+            bmean[j] = provisional_mean(j, bn[j], bsum[j], bmin[j], bmax[j]);
         }
-        // Pass 2: central power sums around the block mean (block is still in cache).
+        // Pass 2: power sums of d = x - mean around the block mean (block is still in cache).
+        std::fill(s1, s1 + F, 0.0);
         std::fill(s2, s2 + F, 0.0);
         std::fill(s3, s3 + F, 0.0);
         std::fill(s4, s4 + F, 0.0);
@@ -206,15 +246,16 @@ void BimodalStats::update_rows(const T* data, std::int64_t n_rows, std::ptrdiff_
             const T* row = data + i * rs;
             for (std::int64_t j = 0; j < F; ++j) {
                 const double x = at(row, j);
-                const double d = finite(x) ? x - bmean[j] : 0.0;
+                const double d = finite(x) ? (x - shift[j]) - bmean[j] : 0.0;
                 const double d2 = d * d;
+                s1[j] += d;
                 s2[j] += d2;
                 s3[j] += d2 * d;
                 s4[j] += d2 * d2;
             }
         }
         for (std::int64_t j = 0; j < F; ++j) {
-            if (bn[j] > 0.0) combine_moments(j, bn[j], bmean[j], s2[j], s3[j], s4[j], bmin[j], bmax[j]);
+            if (bn[j] > 0.0) add_block(j, bn[j], bmean[j], s1[j], s2[j], s3[j], s4[j], bmin[j], bmax[j]);
         }
     }
 }
@@ -226,12 +267,14 @@ void BimodalStats::update_cols(const T* data, std::int64_t n_rows, std::ptrdiff_
         std::int64_t* hist = hist_.data() + j * bins_;
         for (std::int64_t r0 = 0; r0 < n_rows; r0 += kColumnBlock) {
             const std::int64_t r1 = std::min(n_rows, r0 + kColumnBlock);
+            if (count_[j] == 0) shift_[j] = 0.0;
+            const double shift = shift_[j];
             double n = 0.0, sum = 0.0, mn = kInf, mx = -kInf;
             for (std::int64_t i = r0; i < r1; ++i) {
                 const double x = static_cast<double>(col[i * rs]);
                 if (finite(x)) {
                     n += 1.0;
-                    sum += x;
+                    sum += x - shift;
                     mn = std::min(mn, x);
                     mx = std::max(mx, x);
                     ++hist[bin_of(x, j)];
@@ -240,17 +283,19 @@ void BimodalStats::update_cols(const T* data, std::int64_t n_rows, std::ptrdiff_
                 }
             }
             if (n == 0.0) continue;
-            const double mean = mn == mx ? mn : sum / n;
-            double s2 = 0.0, s3 = 0.0, s4 = 0.0;
+            const double mean = provisional_mean(j, n, sum, mn, mx);
+            const double origin = shift_[j];
+            double s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0;
             for (std::int64_t i = r0; i < r1; ++i) {
                 const double x = static_cast<double>(col[i * rs]);
-                const double d = finite(x) ? x - mean : 0.0;
+                const double d = finite(x) ? (x - origin) - mean : 0.0;
                 const double d2 = d * d;
+                s1 += d;
                 s2 += d2;
                 s3 += d2 * d;
                 s4 += d2 * d2;
             }
-            combine_moments(j, n, mean, s2, s3, s4, mn, mx);
+            add_block(j, n, mean, s1, s2, s3, s4, mn, mx);
         }
     }
 }
@@ -267,7 +312,7 @@ void BimodalStats::update(const T* data, std::int64_t n_rows, std::ptrdiff_t row
         return;
     }
     const auto F = static_cast<std::size_t>(n_features_);
-    for (auto* v : {&blk_n_, &blk_sum_, &blk_mean_, &blk_min_, &blk_max_, &blk_s2_, &blk_s3_, &blk_s4_}) {
+    for (auto* v : {&blk_n_, &blk_sum_, &blk_mean_, &blk_min_, &blk_max_, &blk_s1_, &blk_s2_, &blk_s3_, &blk_s4_}) {
         v->resize(F);
     }
     if (col_stride == 1) {
@@ -295,8 +340,11 @@ void BimodalStats::merge(const BimodalStats& other) {
     // merging an object into itself is well defined (it doubles every count).
     for (std::int64_t f = 0; f < n_features_; ++f) {
         if (other.count_[f] > 0) {
-            combine_moments(f, static_cast<double>(other.count_[f]), other.mean_[f], other.m2_[f], other.m3_[f],
-                            other.m4_[f], other.min_[f], other.max_[f]);
+            // other's mean relative to this origin (the origins are close: the difference is exact).
+            if (count_[f] == 0) shift_[f] = other.shift_[f];
+            const double mb = other.mean_[f] + (other.shift_[f] - shift_[f]);
+            combine_moments(f, static_cast<double>(other.count_[f]), mb, other.m2_[f], other.m3_[f], other.m4_[f],
+                            other.min_[f], other.max_[f]);
         }
         nonfinite_[f] += other.nonfinite_[f];
         clamped_low_[f] += other.clamped_low_[f];
@@ -571,13 +619,13 @@ namespace {
 
 // Blob layout, all little-endian:
 //   magic "BYESTATS" | u32 version (=1) | u32 reserved (=0) | u64 n_features | u64 bins | f64 lo | f64 hi
-//   | i64 count[F] | f64 mean[F], m2[F], m3[F], m4[F], min[F], max[F]
+//   | i64 count[F] | f64 shift[F], mean[F], m2[F], m3[F], m4[F], min[F], max[F]
 //   | i64 n_nonfinite[F], n_clamped_low[F], n_clamped_high[F] | i64 hist[F * bins]
 //   | u64 checksum (of every byte before it)
 constexpr char kMagic[8] = {'B', 'Y', 'E', 'S', 'T', 'A', 'T', 'S'};
 constexpr std::uint32_t kVersion = 1;
 constexpr std::size_t kHeader = 8 + 4 + 4 + 8 + 8 + 8 + 8;
-constexpr std::size_t kPerFeature = 10;  // 8-byte values per feature outside the histogram
+constexpr std::size_t kPerFeature = 11;  // 8-byte values per feature outside the histogram
 
 void put_u64(std::uint8_t* p, std::uint64_t v) {
     for (int i = 0; i < 8; ++i) p[i] = static_cast<std::uint8_t>(v >> (8 * i));
@@ -649,7 +697,7 @@ std::vector<std::uint8_t> BimodalStats::to_bytes() const {
         }
     };
     put_i(count_);
-    for (const auto* v : {&mean_, &m2_, &m3_, &m4_, &min_, &max_}) put_d(*v);
+    for (const auto* v : {&shift_, &mean_, &m2_, &m3_, &m4_, &min_, &max_}) put_d(*v);
     for (const auto* v : {&nonfinite_, &clamped_low_, &clamped_high_}) put_i(*v);
     put_i(hist_);
     put_u64(p, checksum(out.data(), n - 8));
@@ -694,7 +742,7 @@ BimodalStats BimodalStats::from_bytes(const std::uint8_t* data, std::size_t size
         }
     };
     get_i(s.count_);
-    for (auto* v : {&s.mean_, &s.m2_, &s.m3_, &s.m4_, &s.min_, &s.max_}) get_d(*v);
+    for (auto* v : {&s.shift_, &s.mean_, &s.m2_, &s.m3_, &s.m4_, &s.min_, &s.max_}) get_d(*v);
     for (auto* v : {&s.nonfinite_, &s.clamped_low_, &s.clamped_high_}) get_i(*v);
     get_i(s.hist_);
     // Internal consistency (a valid checksum on inconsistent data means a buggy writer).

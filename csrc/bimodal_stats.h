@@ -87,7 +87,6 @@ public:
     double edge(std::int64_t b) const { return b >= bins_ ? hi_ : static_cast<double>(b) * width_ + lo_; }
 
     const std::vector<std::int64_t>& count() const { return count_; }
-    const std::vector<double>& mean() const { return mean_; }  // 0 where count == 0
     const std::vector<double>& min() const { return min_; }    // +inf where count == 0
     const std::vector<double>& max() const { return max_; }    // -inf where count == 0
     const std::vector<double>& m2() const { return m2_; }
@@ -98,8 +97,9 @@ public:
     const std::vector<std::int64_t>& n_clamped_low() const { return clamped_low_; }
     const std::vector<std::int64_t>& n_clamped_high() const { return clamped_high_; }
 
-    // Population (biased) statistics: var = M2/n, skewness g1 = sqrt(n) M3 / M2^1.5, excess
+    // Mean and population (biased) statistics: var = M2/n, skewness g1 = sqrt(n) M3 / M2^1.5, excess
     // kurtosis g2 = n M4 / M2^2 - 3. NaN where undefined (n == 0, or M2 == 0 for g1 / g2).
+    double mean(std::int64_t f) const;  // NaN where count == 0
     double variance(std::int64_t f) const;
     double skewness(std::int64_t f) const;
     double excess_kurtosis(std::int64_t f) const;
@@ -108,6 +108,10 @@ private:
     // Combine the moments (n_b, mean_b, M2_b, M3_b, M4_b) of a disjoint set into feature f.
     void combine_moments(std::int64_t f, double n_b, double mean_b, double m2_b, double m3_b, double m4_b,
                          double min_b, double max_b);
+    // Add a block given its count n, provisional mean c and power sums s_k = sum (x - c)^k.
+    void add_block(std::int64_t f, double n, double c, double s1, double s2, double s3, double s4, double mn,
+                   double mx);
+    double provisional_mean(std::int64_t f, double n, double sum, double mn, double mx);
     std::int64_t bin_of(double x, std::int64_t f);  // also counts clamping for feature f
 
     template <class T, bool Contiguous>
@@ -122,12 +126,16 @@ private:
     double norm_;   // bins / (hi - lo)
 
     std::vector<std::int64_t> count_;
-    std::vector<double> mean_, m2_, m3_, m4_, min_, max_;
+    // Moments are kept relative to a per-feature origin shift_ (the provisional mean of the
+    // feature's first block): mean = shift_ + mean_. For data far from zero (x = 1e4 + N(0, 1e-2))
+    // every later difference x - shift_ is then exact (Sterbenz) and small, so the combination
+    // formulas work on well-scaled numbers and keep ~1e-15 relative accuracy.
+    std::vector<double> shift_, mean_, m2_, m3_, m4_, min_, max_;
     std::vector<std::int64_t> hist_;
     std::vector<std::int64_t> nonfinite_, clamped_low_, clamped_high_;
 
     // Per-block scratch (size F), reused by update(); not part of the state.
-    std::vector<double> blk_n_, blk_sum_, blk_mean_, blk_min_, blk_max_, blk_s2_, blk_s3_, blk_s4_;
+    std::vector<double> blk_n_, blk_sum_, blk_mean_, blk_min_, blk_max_, blk_s1_, blk_s2_, blk_s3_, blk_s4_;
 };
 
 }  // namespace bye

@@ -212,7 +212,7 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("mean",
                                [](PyBimodalStats& self) {
                                    return per_feature(self, [](const bye::BimodalStats& s, std::int64_t f) {
-                                       return s.count()[f] ? s.mean()[f] : std::nan("");
+                                       return s.mean(f);
                                    });
                                })
         .def_property_readonly("var",
