@@ -133,9 +133,6 @@ private:
     std::vector<double> shift_, mean_, m2_, m3_, m4_, min_, max_;
     std::vector<std::int64_t> hist_;
     std::vector<std::int64_t> nonfinite_, clamped_low_, clamped_high_;
-
-    // Per-block scratch (size F), reused by update(); not part of the state.
-    std::vector<double> blk_n_, blk_sum_, blk_mean_, blk_min_, blk_max_, blk_s1_, blk_s2_, blk_s3_, blk_s4_;
 };
 
 }  // namespace bye
