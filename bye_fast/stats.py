@@ -6,13 +6,15 @@ components are well apart: ``|mu1 - mu2| > 2 (sigma1 + sigma2)``, i.e. ``separat
 :class:`BimodalStats` does this for many features (layers, heads, ...) at once, over data that
 arrives in chunks and may live on several workers:
 
-    >>> import numpy as np
-    >>> from bye_fast.stats import BimodalStats
-    >>> st = BimodalStats(n_features=32, lo=0.0, hi=np.log(576) + 1e-6)
-    >>> for chunk in chunks:                      # (n_i, 32) float32 / float64 arrays
-    ...     st.update(chunk)
-    >>> fit = st.fit()
-    >>> sensitive = np.flatnonzero(fit.sensitive())   # layers with separation > 1
+    import numpy as np
+import numpy.typing as npt
+    from bye_fast.stats import BimodalStats
+
+    st = BimodalStats(n_features=32, lo=0.0, hi=np.log(576) + 1e-6)   # entropy range, 576 tokens
+    for chunk in chunks:                          # (n_i, 32) float32 / float64 arrays
+        st.update(chunk)
+    fit = st.fit()
+    sensitive = np.flatnonzero(fit.sensitive())   # layers with separation > 1
 
 Memory is ``O(n_features * bins)`` whatever the number of rows; the native code makes one pass
 over each chunk and releases the GIL while it works. States from several workers combine with
@@ -32,6 +34,7 @@ import os
 from dataclasses import dataclass, fields
 
 import numpy as np
+import numpy.typing as npt
 
 from bye_fast import _C
 
@@ -127,8 +130,8 @@ class BimodalFit:
         if not isinstance(other, BimodalFit):
             return NotImplemented
         return all(
-            np.array_equal(getattr(self, f.name), getattr(other, f.name), equal_nan=f.name != "converged")
-            for f in fields(self)
+            np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+            for a, b in ((getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -177,15 +180,17 @@ class BimodalStats:
         return obj
 
     # ------------------------------------------------------------------ accumulation
-    def update(self, x: np.ndarray) -> BimodalStats:
+    def update(self, x: npt.ArrayLike) -> BimodalStats:
         """Add the rows of ``x`` and return ``self``.
 
         Parameters
         ----------
         x : (n_rows, n_features) float32 or float64 array
-            Any memory layout (C or Fortran order, strided views): it is read in place, not
-            copied. A 1-D array is accepted when ``n_features == 1``. float16 and non-native byte
-            orders are converted first. Non-finite values are skipped and counted.
+            Any memory layout (C or Fortran order, strided or reversed views): it is read in place,
+            not copied (only a misaligned view, e.g. a field of a packed record array, is copied).
+            A 1-D array is accepted when ``n_features == 1``. float16 and non-native byte orders
+            are converted first; other array-likes go through ``np.asarray``. Non-finite values are
+            skipped and counted. The GIL is released while the native code runs.
 
         Raises
         ------

@@ -247,6 +247,8 @@ def test_histogram_matches_numpy_including_edges() -> None:
     st = BimodalStats(2, -1.0, 1.0, bins=64)
     edges = st.bin_edges
     np.testing.assert_array_equal(edges, np.linspace(-1.0, 1.0, 65))
+    np.testing.assert_allclose(st.bin_centres, 0.5 * (edges[:-1] + edges[1:]), rtol=0, atol=1e-15)
+    assert st.bin_width == 2.0 / 64
     rng = np.random.default_rng(2)
     x = np.concatenate(
         [edges, np.nextafter(edges, -np.inf)[1:], np.nextafter(edges, np.inf)[:-1], rng.uniform(-1, 1, 500)]
