@@ -257,6 +257,9 @@ def main() -> None:
         "- Unimodal features: a 2-component fit of one Gaussian is weakly identified (flat likelihood), so "
         "the two methods stop at different points of the ridge (scikit-learn: tol 1e-3, <= 100 iterations; "
         "bye_fast: tol 1e-8, <= 200); their parameter differences are not binning error.",
+        "- Wall-clock seconds of one run; on a shared machine expect some run-to-run variation. scikit-learn "
+        "needs every feature's raw values in memory (rows x 4 bytes each); bye_fast keeps features x bins "
+        "int64 counts plus a few float64 per feature.",
     ]
     md = "\n".join(lines) + "\n"
     (args.out / "bench_stats.md").write_text(md)
