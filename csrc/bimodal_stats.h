@@ -62,9 +62,10 @@ public:
     BimodalStats(std::int64_t n_features, double lo, double hi, std::int64_t bins);
 
     // Accumulate n_rows rows. Element (i, j) is data[i * row_stride + j * col_stride] (strides in
-    // elements, may be negative or zero). Loops run rows-outer / features-inner when the feature
-    // stride is the smaller one (C order) and features-outer otherwise (Fortran order), so that
-    // memory is read in order either way. Instantiated for float and double.
+    // elements, may be negative or zero). When the feature stride is the smaller one (C order) the
+    // data are read in tiles of 16 features x 256 rows, rows outer and features inner; otherwise
+    // (Fortran order) down each column. Either way each input cache line is read from memory once.
+    // Instantiated for float and double.
     template <class T>
     void update(const T* data, std::int64_t n_rows, std::ptrdiff_t row_stride, std::ptrdiff_t col_stride);
 
