@@ -224,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         help="attention entropy of every sample (stage 1) -> scores .npz",
         description="Attention entropy of every sample (stage 1) -> scores .npz. "
-        "Several GPUs: torchrun --nproc_per_node N -m bye_fast score ... (or the bye-fast script under "
-        "torchrun): every rank scores its contiguous shard of --data on cuda:$LOCAL_RANK (NCCL; gloo on "
-        "CPU), the rows are gathered in the original order, and only rank 0 writes --out. "
+        "Several GPUs: torchrun --nproc_per_node N -m bye_fast score ... (or torchrun ... $(which bye-fast) "
+        "score ...): every rank scores its contiguous shard of --data on cuda:$LOCAL_RANK (NCCL; gloo with "
+        "--device cpu), the rows are gathered in the original order, and only rank 0 writes --out. "
         "With --checkpoint-dir, a killed run rerun with the same arguments resumes where it stopped "
         "(each rank in its own subfolder rank<r>of<N>).",
     )

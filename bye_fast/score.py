@@ -199,9 +199,13 @@ class _Rows:
         return scores
 
 
+#: entropy (B, L), head_entropy (B, L, H), image_mass (B, L), n_image_tokens (B,) of scored rows.
+_RowArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 def _rows_of_stats(
     ent: torch.Tensor, he: torch.Tensor, mass: torch.Tensor, image_mask: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> _RowArrays:
     n_img = image_mask.sum(dim=1).cpu()
     none = n_img == 0
     if none.any():  # make "no image" explicit whatever the kernel produced
@@ -261,7 +265,7 @@ class _FusedScorer:
         self.oom_reported = False
         self.long_row_reported = False
 
-    def __call__(self, inputs: dict[str, Any], index: int, ids: list):
+    def __call__(self, inputs: dict[str, Any], index: int, ids: list) -> _RowArrays:
         pieces = [inputs]
         if self.max_tokens is not None:
             pieces, too_long = split_batch(
@@ -272,16 +276,17 @@ class _FusedScorer:
                 warnings.warn(
                     f"batch {index}: id {ids[too_long[0]]!r} is longer than max_tokens_per_batch="
                     f"{self.max_tokens} tokens; it is scored alone (as is any later row that is too long; "
-                    "this warning is shown once)",
+                    "said once)",
                     UserWarning,
                     stacklevel=4,
                 )
         parts = [r for piece in pieces for r in self._with_retry(piece, index)]
         if len(parts) == 1:
             return parts[0]
-        return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
+        ent, he, mass, n_img = (np.concatenate([p[k] for p in parts]) for k in range(4))
+        return ent, he, mass, n_img
 
-    def _with_retry(self, piece: dict[str, Any], index: int) -> list:
+    def _with_retry(self, piece: dict[str, Any], index: int) -> list[_RowArrays]:
         try:
             return [self._forward(piece, index)]
         except torch.cuda.OutOfMemoryError:
@@ -299,8 +304,8 @@ class _FusedScorer:
             return
         self.oom_reported = True
         msg = (
-            f"bye_fast.score: CUDA out of memory on batch {index} ({rows} rows): scoring it in halves "
-            "(and so any later batch that runs out of memory); a smaller batch size or "
+            f"bye_fast.score: CUDA out of memory on batch {index} ({rows} rows): scoring it in halves, "
+            "as any later batch that runs short of memory (said once); a smaller batch size or "
             "max_tokens_per_batch avoids the retries"
         )
         if self.progress:
@@ -309,7 +314,7 @@ class _FusedScorer:
         else:
             warnings.warn(msg, UserWarning, stacklevel=6)
 
-    def _forward(self, piece: dict[str, Any], index: int):
+    def _forward(self, piece: dict[str, Any], index: int) -> _RowArrays:
         batch = _prepare(piece, index, self.image_token_id, self.device, self.dtype)
         collector = BatchCollector(
             qpos=batch.qpos,

@@ -51,7 +51,7 @@ def _listed_shards(folder: Path) -> int:
 
 def test_killed_run_resumes_to_identical_scores(tmp_path):
     folder = tmp_path / "ckpt"
-    env = {**os.environ, "BYE_TEST_SLEEP": "0.4", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "BYE_TEST_SLEEP": "1.0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests._ckpt_worker", str(folder)],
         cwd=ROOT,
