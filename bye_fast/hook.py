@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -266,6 +267,14 @@ def _identity_layer(hidden_states, *args, **kwargs):
     return hidden_states
 
 
+def _returns_tensor(layer: torch.nn.Module) -> bool:
+    """Whether the layer's forward is annotated to return a bare tensor (older CLIP layers return tuples)."""
+    ann = inspect.signature(type(layer).forward).return_annotation
+    if isinstance(ann, str):
+        return ann.replace(" ", "") in {"torch.Tensor", "torch.FloatTensor", "Tensor", "FloatTensor"}
+    return isinstance(ann, type) and issubclass(ann, torch.Tensor)
+
+
 @contextlib.contextmanager
 def unused_vision_layers_skipped(model: torch.nn.Module) -> Iterator[int]:
     """Make the vision-tower layers after the one the projector reads pass their input through.
@@ -278,7 +287,8 @@ def unused_vision_layers_skipped(model: torch.nn.Module) -> Iterator[int]:
     place); the original ``forward`` is restored on exit, even on error.
 
     Applies to LLaVA and LLaVA-NeXT with a single int ``vision_feature_layer``
-    and a CLIP/SigLIP-style encoder; a no-op otherwise.
+    and a CLIP/SigLIP-style encoder whose layers return a bare tensor; a no-op
+    otherwise.
 
     Yields
     ------
@@ -295,6 +305,7 @@ def unused_vision_layers_skipped(model: torch.nn.Module) -> Iterator[int]:
         and not isinstance(feature_layer, bool)
         and layers is not None
         and len(layers) == getattr(vision_cfg, "num_hidden_layers", -1)
+        and all(_returns_tensor(m) for m in layers)  # the identity must return what the layer returns
     )
     n = len(layers) if layers is not None else 0
     if not applies or not -(n + 1) <= feature_layer <= n:

@@ -251,3 +251,22 @@ def test_skipping_unused_vision_layers_changes_nothing(family, monkeypatch):
             batches[0]["pixel_values"][:1].flatten(0, -4)[:1], output_hidden_states=True
         )
     assert len(out.hidden_states) == n + 1 and all(h is not None for h in out.hidden_states)
+
+
+def test_layers_returning_tuples_are_never_replaced_by_the_identity():
+    """Older CLIP layers return ``(hidden_states,)``: a bare-tensor identity would be indexed wrongly."""
+    from bye_fast.hook import _returns_tensor
+
+    class Old(torch.nn.Module):
+        def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor]:
+            return (hidden_states,)
+
+    class New(torch.nn.Module):
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return hidden_states
+
+    class Unannotated(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states
+
+    assert _returns_tensor(New()) and not _returns_tensor(Old()) and not _returns_tensor(Unannotated())
