@@ -3,12 +3,24 @@
     python benchmarks/bench_score.py                 # CPU defaults (the issue's shapes)
     python benchmarks/bench_score.py --quick         # tiny smoke run
     python benchmarks/bench_score.py --device cuda --preset llava-1.5-7b --dtype bfloat16
+    python benchmarks/bench_score.py --device cuda --preset llava-1.5-7b --dtype bfloat16 \
+        --grouped --batches 1 4 --ref-batches 1 2 4 8 --out $OUT       # what gpu_check.sh runs
 
 Each (mode, image tokens, batch) cell runs in a fresh subprocess so peak
 memory is its own: CPU peak resident memory comes from VmHWM (reset through
 /proc/self/clear_refs after the model is built and warmed up); CUDA peak from
 torch.cuda.max_memory_allocated. Throughput is samples/s over timed batches
 after one warm-up batch, on random (non-zero) inputs.
+
+With --grouped, all cells of one image-token count share one process (the
+model is built once, which matters for a 7B model): CUDA peak memory is still
+per cell (reset_peak_memory_stats), an out-of-memory cell is recorded as OOM
+and the process goes on; the reference path tries --ref-batches in increasing
+order and stops at the first that runs out of memory, so its best batch is the
+best that fits. A grouped run also checks, at batch 1, the largest difference
+between score's and score_reference's entropies (column max_abs_diff_vs_ref).
+On CPU, grouped peak memory is less clean (freed memory of earlier cells may
+stay resident).
 
 Modes:
   forward    model.model(...) with SDPA, no LM head, no cache: one prefill pass (the floor)
@@ -115,36 +127,37 @@ def _cpu_mem(field: str) -> int:
     return -1
 
 
-def run_cell(args) -> dict:
-    """Run one (mode, image_tokens, batch) cell in this process and return its measurements."""
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _runner(model, mode: str):
     import torch
 
     import bye_fast
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    preset = PRESETS[args.preset]
-    model, image_size = build(preset, args.image_tokens, dtype, device)
-    batches = [
-        make_batch(args.batch, args.image_tokens, image_size, args.text_tokens, device, seed=i)
-        for i in range(args.repeats + 1)
-    ]
-
     def one(batch):
-        if args.mode == "forward":
+        if mode == "forward":
             with torch.inference_mode():
                 model.model(**batch, use_cache=False)
-        elif args.mode == "score":
-            bye_fast.score(model, [batch], progress=False)
+        elif mode == "score":
+            return bye_fast.score(model, [batch], progress=False)
         else:
-            bye_fast.score_reference(model, [batch], progress=False)
+            return bye_fast.score_reference(model, [batch], progress=False)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    return one
 
+
+def time_cell(model, mode: str, batches: list, device) -> dict:
+    """Warm up on batches[0], then time batches[1:]: samples/s and peak memory."""
+    import torch
+
+    one = _runner(model, mode)
     one(batches[0])  # warm-up
-    sync()
+    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -154,18 +167,97 @@ def run_cell(args) -> dict:
     t0 = time.perf_counter()
     for b in batches[1:]:
         one(b)
-    sync()
+    _sync(device)
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _cpu_mem("VmHWM")
+    n = batches[0]["input_ids"].shape[0] * (len(batches) - 1)
     return {
-        "mode": args.mode,
-        "image_tokens": args.image_tokens,
-        "batch": args.batch,
-        "samples_per_s": args.batch * args.repeats / elapsed,
+        "samples_per_s": n / elapsed,
         "peak_mem_gb": peak / 1e9,
         "model_mem_gb": base / 1e9,
         "status": "ok",
     }
+
+
+def run_cell(args) -> dict:
+    """Run one (mode, image_tokens, batch) cell in this process and return its measurements."""
+    import torch
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    preset = PRESETS[args.preset]
+    model, image_size = build(preset, args.image_tokens, dtype, device)
+    batches = [
+        make_batch(args.batch, args.image_tokens, image_size, args.text_tokens, device, seed=i)
+        for i in range(args.repeats + 1)
+    ]
+    row = time_cell(model, args.mode, batches, device)
+    return {"mode": args.mode, "image_tokens": args.image_tokens, "batch": args.batch, **row}
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+
+
+def run_group(args) -> None:
+    """All cells of one image-token count in this process; prints one ``CELL {json}`` line per cell."""
+    import gc
+
+    import numpy as np
+    import torch
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    tokens = args.image_tokens
+    model, image_size = build(PRESETS[args.preset], tokens, dtype, device)
+
+    def batches_of(b: int) -> list:
+        return [
+            make_batch(b, tokens, image_size, args.text_tokens, device, seed=i)
+            for i in range(args.repeats + 1)
+        ]
+
+    def emit(row: dict) -> None:
+        print("CELL " + json.dumps({"image_tokens": tokens, **row}), flush=True)
+
+    def cell(mode: str, b: int) -> dict:
+        try:
+            row = time_cell(model, mode, batches_of(b), device)
+        except Exception as err:  # one failing cell must not lose the others
+            row = {"status": "OOM" if _is_oom(err) else f"failed ({type(err).__name__}: {str(err)[:120]})"}
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        row.update(mode=mode, batch=b)
+        emit(row)
+        return row
+
+    plan = [(m, b) for b in args.batches for m in args.modes if m != "reference"]
+    for mode, b in plan:
+        cell(mode, b)
+    ref_fits_1 = False
+    if "reference" in args.modes:
+        oom_at = None
+        for b in sorted(args.ref_batches):
+            if oom_at is not None:
+                emit({"mode": "reference", "batch": b, "status": f"skipped (OOM at batch {oom_at})"})
+                continue
+            status = cell("reference", b)["status"]
+            ref_fits_1 |= b == 1 and status == "ok"
+            if status == "OOM":
+                oom_at = b
+    if "score" in args.modes and ref_fits_1:  # correctness on the real shape, batch 1
+        try:
+            batch = batches_of(1)[0]
+            s = _runner(model, "score")(batch)
+            r = _runner(model, "reference")(batch)
+            diff = float(np.nanmax(np.abs(s.entropy - r.entropy)))
+            emit({"mode": "check", "batch": 1, "status": "ok", "max_abs_diff_vs_ref": diff})
+        except Exception as err:  # recorded, not raised
+            status = "OOM" if _is_oom(err) else f"failed ({type(err).__name__}: {str(err)[:120]})"
+            emit({"mode": "check", "batch": 1, "status": status})
 
 
 def main() -> None:
@@ -175,6 +267,14 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--image-tokens", type=int, nargs="*", help="default: the preset's sizes")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4])
+    p.add_argument(
+        "--ref-batches", type=int, nargs="*", default=None, help="reference-path batches (default: --batches)"
+    )
+    p.add_argument(
+        "--grouped",
+        action="store_true",
+        help="one process per image-token count (model built once); reference batches stop at the first OOM",
+    )
     p.add_argument("--modes", nargs="*", default=["forward", "score", "reference"])
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2, help="timed batches per cell (after 1 warm-up)")
@@ -184,6 +284,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--quick", action="store_true", help="tiny preset, one batch size: a smoke run")
     p.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--group", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -196,38 +297,95 @@ def main() -> None:
         args.image_tokens = args.image_tokens[0]
         print(json.dumps(run_cell(args)))
         return
+    if args.group:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.image_tokens = args.image_tokens[0]
+        run_group(args)
+        return
 
     if args.quick:
         args.preset, args.batches, args.repeats = "tiny", [1, 2], 1
         args.tag = args.tag or "quick"
+    if args.ref_batches is None:
+        args.ref_batches = list(args.batches)
     sizes = args.image_tokens or sorted(PRESETS[args.preset]["sizes"])
+    if args.grouped:
+        rows = []
+        for tokens in sizes:  # results are rewritten after every group: a killed run keeps what it measured
+            rows += _run_group_process(args, tokens)
+            write_results(rows, args)
+        return
     rows = []
     for tokens in sizes:
-        for batch in args.batches:
-            for mode in args.modes:
-                cmd = [
-                    sys.executable, __file__, "--cell", "--mode", mode, "--batch", str(batch),
-                    "--image-tokens", str(tokens), "--preset", args.preset, "--device", args.device,
-                    "--dtype", args.dtype, "--text-tokens", str(args.text_tokens), "--repeats", str(args.repeats),
-                ]  # fmt: skip
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                try:
-                    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-                    if res.returncode == 0 and last.startswith("{"):
-                        row = json.loads(last)
-                    else:
-                        oom = "out of memory" in res.stderr.lower() or res.returncode in (-9, 137)
-                        row = {"status": "OOM" if oom else f"failed (rc={res.returncode})"}
-                        if not oom:
-                            print(res.stderr[-2000:], file=sys.stderr)
-                except subprocess.TimeoutExpired:
-                    row = {"status": f"timeout > {args.timeout:.0f}s"}
-                row.update(mode=mode, image_tokens=tokens, batch=batch)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        plan = [(m, b) for b in args.batches for m in args.modes if m != "reference"]
+        if "reference" in args.modes:
+            plan += [("reference", b) for b in args.ref_batches]
+        for mode, batch in plan:
+            cmd = [
+                sys.executable, __file__, "--cell", "--mode", mode, "--batch", str(batch),
+                "--image-tokens", str(tokens), "--preset", args.preset, "--device", args.device,
+                "--dtype", args.dtype, "--text-tokens", str(args.text_tokens), "--repeats", str(args.repeats),
+            ]  # fmt: skip
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+                if res.returncode == 0 and last.startswith("{"):
+                    row = json.loads(last)
+                else:
+                    oom = "out of memory" in res.stderr.lower() or res.returncode in (-9, 137)
+                    row = {"status": "OOM" if oom else f"failed (rc={res.returncode})"}
+                    if not oom:
+                        print(res.stderr[-2000:], file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                row = {"status": f"timeout > {args.timeout:.0f}s"}
+            row.update(mode=mode, image_tokens=tokens, batch=batch)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     write_results(rows, args)
+
+
+def _run_group_process(args, tokens: int) -> list[dict]:
+    """Run ``--group`` for one image-token count in a subprocess; cells it did not report are failures."""
+    cmd = [
+        sys.executable, __file__, "--group", "--image-tokens", str(tokens), "--preset", args.preset,
+        "--device", args.device, "--dtype", args.dtype, "--text-tokens", str(args.text_tokens),
+        "--repeats", str(args.repeats), "--batches", *map(str, args.batches),
+        "--ref-batches", *map(str, args.ref_batches), "--modes", *args.modes,
+    ]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        stdout, stderr, why = res.stdout, res.stderr, f"failed (rc={res.returncode})"
+    except subprocess.TimeoutExpired as err:
+        stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
+        why = f"timeout > {args.timeout:.0f}s"
+    rows = [json.loads(line[5:]) for line in stdout.splitlines() if line.startswith("CELL {")]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    expected = [(m, b) for b in args.batches for m in args.modes if m != "reference"]
+    if "reference" in args.modes:
+        expected += [("reference", b) for b in sorted(args.ref_batches)]
+    done = {(r["mode"], r["batch"]) for r in rows}
+    missing = [(m, b) for m, b in expected if (m, b) not in done]
+    if missing:
+        print(
+            f"bench_score: group {tokens} image tokens: {why} after {time.perf_counter() - t0:.0f}s",
+            file=sys.stderr,
+        )
+        print(stderr[-3000:], file=sys.stderr)
+        for m, b in missing:
+            row = {"mode": m, "image_tokens": tokens, "batch": b, "status": why}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def write_results(rows: list[dict], args) -> None:
@@ -237,6 +395,8 @@ def write_results(rows: list[dict], args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_score" + (f"_{args.tag}" if args.tag else "")
     cols = ["mode", "image_tokens", "batch", "samples_per_s", "peak_mem_gb", "model_mem_gb", "status"]
+    if any("max_abs_diff_vs_ref" in r for r in rows):
+        cols.append("max_abs_diff_vs_ref")
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -252,10 +412,17 @@ def write_results(rows: list[dict], args) -> None:
         }
         best = {}
         for r in rows:
-            if r["image_tokens"] == tokens and r["status"] == "ok":
+            if r["image_tokens"] == tokens and r["status"] == "ok" and r["mode"] != "check":
                 if r["mode"] not in best or r["samples_per_s"] > best[r["mode"]]["samples_per_s"]:
                     best[r["mode"]] = r
         line = {"image_tokens": tokens}
+        if "reference" in best:
+            line["reference best batch"] = best["reference"]["batch"]
+        check = [
+            r for r in rows if r["image_tokens"] == tokens and r["mode"] == "check" and r["status"] == "ok"
+        ]
+        if check:
+            line["score vs reference max abs diff entropy (b=1)"] = check[0]["max_abs_diff_vs_ref"]
         if "score" in cell and "forward" in cell:
             line["score/forward time (b=1)"] = (
                 cell["forward"]["samples_per_s"] / cell["score"]["samples_per_s"]
@@ -283,6 +450,12 @@ def write_results(rows: list[dict], args) -> None:
         "",
         f"Command: `python benchmarks/bench_score.py --preset {args.preset} --device {args.device} "
         f"--dtype {args.dtype} --batches {' '.join(map(str, args.batches))} --repeats {args.repeats}"
+        + (
+            f" --ref-batches {' '.join(map(str, args.ref_batches))}"
+            if args.ref_batches != args.batches
+            else ""
+        )
+        + (" --grouped" if args.grouped else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + "`",
         "",

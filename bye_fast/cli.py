@@ -12,6 +12,7 @@ is given, and never writes over its input.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,26 +61,79 @@ def load_model_and_processor(model: str, processor: str | None, dtype: str, devi
 
 
 # --------------------------------------------------------------------------- commands
+def _join_process_group(device: str) -> tuple[bool, str]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group; return (joined here, device).
+
+    ``--device cuda`` becomes ``cuda:$LOCAL_RANK`` (one GPU per process) with
+    the NCCL backend; CPU runs use gloo.
+    """
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(device))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    torch.distributed.init_process_group(backend)
+    return True, device
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    import torch
+
     import bye_fast
     from bye_fast.data import make_loader
+    from bye_fast.distributed import gather_scores, rank_and_world_size
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise SystemExit(f"bye-fast score: --out must end in .npz; got {out}")
+    if args.reference and (args.checkpoint_dir or args.max_tokens_per_batch):
+        raise SystemExit(
+            "bye-fast score: --checkpoint-dir and --max-tokens-per-batch need the fused path (no --reference)"
+        )
     _refuse_existing(out, args.overwrite)
-    model, processor = load_model_and_processor(args.model, args.processor, args.dtype, args.device)
-    loader = make_loader(
-        args.data, args.images, processor, batch_size=args.batch_size, num_workers=args.num_workers
-    )
-    fn = bye_fast.score_reference if args.reference else bye_fast.score
-    scores = fn(model, loader, progress=not args.no_progress)
-    scores.meta.update(model_path=str(args.model), data=str(args.data))
-    scores.save(out)
-    print(f"bye-fast: scored {scores.n_samples} samples x {scores.n_layers} layers -> {out}")
-    if scores.no_image_ids:
-        print(f"bye-fast: {len(scores.no_image_ids)} sample(s) without image tokens (NaN scores)")
-    return 0
+    joined, device = _join_process_group(args.device)
+    try:
+        dist = rank_and_world_size()
+        rank = dist[0] if dist else 0
+        model, processor = load_model_and_processor(args.model, args.processor, args.dtype, device)
+        loader = make_loader(  # shards by rank under torch.distributed
+            args.data, args.images, processor, batch_size=args.batch_size, num_workers=args.num_workers
+        )
+        progress = not args.no_progress and rank == 0
+        if args.reference:
+            scores = bye_fast.score_reference(model, loader, progress=progress)
+            if dist is not None:
+                scores = gather_scores(scores)
+        else:
+            scores = bye_fast.score(
+                model,
+                loader,
+                progress=progress,
+                max_tokens_per_batch=args.max_tokens_per_batch,
+                checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every,
+            )
+        if rank != 0:
+            return 0
+        scores.meta.update(model_path=str(args.model), data=str(args.data))
+        if dist is not None:
+            scores.meta.update(world_size=dist[1])
+        scores.save(out)
+        ranks = f" on {dist[1]} ranks" if dist else ""
+        print(f"bye-fast: scored {scores.n_samples} samples x {scores.n_layers} layers{ranks} -> {out}")
+        if scores.no_image_ids:
+            print(f"bye-fast: {len(scores.no_image_ids)} sample(s) without image tokens (NaN scores)")
+        return 0
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -166,7 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("score", help="attention entropy of every sample (stage 1) -> scores .npz")
+    p = sub.add_parser(
+        "score",
+        help="attention entropy of every sample (stage 1) -> scores .npz",
+        description="Attention entropy of every sample (stage 1) -> scores .npz. "
+        "Several GPUs: torchrun --nproc_per_node N -m bye_fast score ... (or torchrun ... $(which bye-fast) "
+        "score ...): every rank scores its contiguous shard of --data on cuda:$LOCAL_RANK (NCCL; gloo with "
+        "--device cpu), the rows are gathered in the original order, and only rank 0 writes --out. "
+        "With --checkpoint-dir, a killed run rerun with the same arguments resumes where it stopped "
+        "(each rank in its own subfolder rank<r>of<N>).",
+    )
     p.add_argument(
         "--model",
         required=True,
@@ -187,7 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference", action="store_true", help="use the paper's slow eager path (for validation)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=None,
+        help="cut batches into groups of at most this many rows x seq_len tokens (bounds memory for long "
+        "image sequences; default: no cutting)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="folder for resumable runs: finished rows are saved there, and a rerun with the same model, "
+        "data and options skips them; a folder written for anything else is refused",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="with --checkpoint-dir: save the rows every this many batches (default 100)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (only rank 0 shows one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_score)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -36,7 +37,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bye_fast.kernels.attn_entropy import attn_image_stats, head_mean_entropy
 
-__all__ = ["ATTN_IMPLEMENTATION", "BatchCollector", "attention_stats_hook", "register"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "BatchCollector",
+    "attention_stats_hook",
+    "register",
+    "unused_vision_layers_skipped",
+]
 
 #: The name under which bye_fast's attention function is registered in transformers.
 ATTN_IMPLEMENTATION = "bye_fast_sdpa"
@@ -238,3 +245,82 @@ def collecting(collector: BatchCollector) -> Iterator[BatchCollector]:
         pass
     finally:
         _ACTIVE.reset(token)
+
+
+#: Models whose projector reads ``hidden_states[config.vision_feature_layer]`` of a CLIP/SigLIP-style
+#: vision tower; checked (tests/test_scale.py) to give identical scores with the unused layers skipped.
+_FEATURE_LAYER_MODELS = ("LlavaModel", "LlavaNextModel")
+
+
+def _vision_encoder_layers(inner: torch.nn.Module) -> torch.nn.ModuleList | None:
+    tower = getattr(inner, "vision_tower", None)
+    for path in ("vision_model.encoder.layers", "encoder.layers"):
+        obj = tower
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    return None
+
+
+def _identity_layer(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def _returns_tensor(layer: torch.nn.Module) -> bool:
+    """Whether the layer's forward is annotated to return a bare tensor (older CLIP layers return tuples)."""
+    ann = inspect.signature(type(layer).forward).return_annotation
+    if isinstance(ann, str):
+        return ann.replace(" ", "") in {"torch.Tensor", "torch.FloatTensor", "Tensor", "FloatTensor"}
+    return isinstance(ann, type) and issubclass(ann, torch.Tensor)
+
+
+@contextlib.contextmanager
+def unused_vision_layers_skipped(model: torch.nn.Module) -> Iterator[int]:
+    """Make the vision-tower layers after the one the projector reads pass their input through.
+
+    LLaVA-style models project ``hidden_states[vision_feature_layer]`` of the
+    vision tower (LLaVA-1.5: ``-2``, the output of the second-to-last layer);
+    the layers after it only feed the tower's unused final output. For the
+    duration of the block their ``forward`` is replaced by the identity (the
+    modules, their weights and transformers' output-capturing hooks stay in
+    place); the original ``forward`` is restored on exit, even on error.
+
+    Applies to LLaVA and LLaVA-NeXT with a single int ``vision_feature_layer``
+    and a CLIP/SigLIP-style encoder whose layers return a bare tensor; a no-op
+    otherwise.
+
+    Yields
+    ------
+    int
+        The number of vision layers skipped (0 when nothing applies).
+    """
+    inner = getattr(model, "model", model)
+    feature_layer = getattr(model.config, "vision_feature_layer", None)
+    layers = _vision_encoder_layers(inner)
+    vision_cfg = getattr(model.config, "vision_config", None)
+    applies = (
+        type(inner).__name__ in _FEATURE_LAYER_MODELS
+        and isinstance(feature_layer, int)
+        and not isinstance(feature_layer, bool)
+        and layers is not None
+        and len(layers) == getattr(vision_cfg, "num_hidden_layers", -1)
+        and all(_returns_tensor(m) for m in layers)  # the identity must return what the layer returns
+    )
+    n = len(layers) if layers is not None else 0
+    if not applies or not -(n + 1) <= feature_layer <= n:
+        yield 0
+        return
+    keep = feature_layer % (n + 1)  # hidden_states[k] is the output of the first k layers
+    skipped = [layers[i] for i in range(keep, n)]
+    saved = [(m, m.__dict__.get("forward")) for m in skipped]
+    try:
+        for m in skipped:
+            m.forward = _identity_layer
+        yield len(skipped)
+    finally:
+        for m, forward in saved:
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward
