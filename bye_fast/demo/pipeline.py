@@ -1,0 +1,268 @@
+"""``bye-fast demo``: the whole job on a built-in poisoned dataset, on one CPU.
+
+1. build the digits tasks; pre-train a tiny LLaVA on the base task (cached);
+2. poison the user's fine-tuning data with an image trigger (ground truth kept apart);
+3. fine-tune on it (vision tower frozen): clean accuracy (CA) and attack success (ASR) *before*;
+4. score with :func:`bye_fast.score`, :func:`bye_fast.detect`, :func:`bye_fast.filter_dataset`;
+5. fine-tune again from the pre-trained model on the kept data: CA and ASR *after*;
+6. write ``report.md``, plots and every intermediate file under ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+import bye_fast
+from bye_fast.attacks import make_trigger, poison_dataset
+from bye_fast.data import make_loader
+from bye_fast.demo.tasks import TARGET, build_tasks
+from bye_fast.demo.train import copy_model, evaluate, finetune, pretrained_model
+
+__all__ = ["DEMO_TRIGGERS", "DemoResult", "detection_metrics", "run_demo"]
+
+#: Named trigger presets of the demo and the detection benchmark (``make_trigger`` arguments).
+DEMO_TRIGGERS: dict[str, dict] = {
+    "checkerboard": {"name": "checkerboard_patch", "size": 8, "position": "corner"},
+    "patch": {"name": "solid_patch"},  # the paper's default: black square, 1/16 side, centre
+    "white_corner": {"name": "solid_patch", "size": 4, "color": 1.0, "position": "corner"},
+    "random_patch": {"name": "random_position_patch", "size": 8, "color": 1.0},
+    "blended": {"name": "blended", "alpha": 0.2},
+    "wanet": {"name": "wanet", "strength": 2.0},
+    "sig": {"name": "sig", "amplitude": 0.2},
+}
+
+
+def detection_metrics(truth: np.ndarray, flagged: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """Precision, recall, F1 of ``flagged`` and the AUROC of ``score`` (both directions)."""
+    truth = np.asarray(truth, dtype=bool)
+    flagged = np.asarray(flagged, dtype=bool)
+    tp = int((truth & flagged).sum())
+    precision = tp / flagged.sum() if flagged.sum() else float("nan")
+    recall = tp / truth.sum() if truth.sum() else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    finite = np.isfinite(score)
+    auroc_low = float("nan")
+    if finite.any() and 0 < truth[finite].sum() < finite.sum():
+        auroc_low = float(roc_auc_score(truth[finite], -score[finite]))  # low score = poisoned
+    return {
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "auroc_low_is_poisoned": auroc_low,
+        "auroc_high_is_poisoned": 1.0 - auroc_low if np.isfinite(auroc_low) else float("nan"),
+        "removed_fraction": float(flagged.mean()),
+    }
+
+
+@dataclass
+class DemoResult:
+    trigger: str
+    rate: float
+    seed: int
+    n_train: int
+    n_poisoned: int
+    ca_before: float
+    asr_before: float
+    ca_after: float
+    asr_after: float
+    n_removed: int
+    precision: float
+    recall: float
+    f1: float
+    auroc_low_is_poisoned: float
+    auroc_high_is_poisoned: float
+    removed_fraction: float
+    n_sensitive: int
+    reason: str
+    seconds: dict
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_demo(
+    out: str | os.PathLike = "bye_fast_demo",
+    *,
+    trigger: str = "checkerboard",
+    rate: float = 0.1,
+    seed: int = 0,
+    method: str = "paper",
+    features: str = "layers",
+    flag: str = "lower",
+    threshold: float = 1.0,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    n_user: int = 800,
+    n_pretrain: int = 700,
+    pretrain_epochs: int | None = None,
+    finetune_epochs: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    plots: bool = True,
+    verbose: bool = True,
+) -> DemoResult:
+    """Run the demo end to end; see the module docstring. Returns the summary numbers."""
+    if trigger not in DEMO_TRIGGERS:
+        raise ValueError(f"unknown trigger {trigger!r}; choose from {sorted(DEMO_TRIGGERS)}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1); got {rate}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    log = print if verbose else (lambda *a, **k: None)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    # 1. tasks and the pre-trained model
+    tasks = build_tasks(seed, n_pretrain=n_pretrain, n_user=n_user)
+    kw = {} if pretrain_epochs is None else {"epochs": pretrain_epochs}
+    base, processor = pretrained_model(
+        tasks.pretrain, seed=seed, cache_dir=cache_dir or out / "cache", progress=progress, **kw
+    )
+    base.to(device)
+    timings["pretrain"] = time.perf_counter() - t
+
+    # 2. the attack: poisoned user data, ground truth kept apart
+    t = time.perf_counter()
+    trig_params = dict(DEMO_TRIGGERS[trigger])
+    trig = make_trigger(trig_params.pop("name"), **trig_params)
+    poisoned = poison_dataset(
+        tasks.user.records, tasks.user.images, trig, rate, TARGET, seed, out / "data" / "images"
+    )
+    train_json = out / "data" / "train.json"
+    _write_json(train_json, poisoned.records)
+    _write_json(out / "ground_truth.json", {"poisoned_ids": sorted(poisoned.poisoned_ids, key=str)})
+
+    # 3. the backdoored model
+    fkw = {} if finetune_epochs is None else {"epochs": finetune_epochs}
+    model = copy_model(base)
+    finetune(model, poisoned.records, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw)
+    before = evaluate(model, tasks.test, processor=processor, trigger=trig)
+    timings["poison+finetune"] = time.perf_counter() - t
+    log(f"[demo] fine-tuned on {len(poisoned.records)} samples ({poisoned.n_poisoned} poisoned): "
+        f"CA {before['ca']:.1%}, ASR {before['asr']:.1%}")  # fmt: skip
+
+    # 4. score, detect, filter
+    t = time.perf_counter()
+    loader = make_loader(train_json, out / "data" / "images", processor, batch_size=32)
+    scores = bye_fast.score(model, loader, progress=progress, device=device)
+    scores.save(out / "scores.npz")
+    det = bye_fast.detect(scores, method=method, features=features, threshold=threshold, flag=flag)
+    det.to_json(out / "detection.json")
+    clean_json = out / "data" / "train.clean.json"
+    report = bye_fast.filter_dataset(train_json, det, clean_json, overwrite=overwrite)
+    timings["score+detect+filter"] = time.perf_counter() - t
+    truth = np.isin(scores.ids.astype(str), [str(i) for i in poisoned.poisoned_ids])
+    metrics = detection_metrics(truth, det.flagged, det.suspicious_score)
+    log(f"[demo] {det.reason}")
+
+    # 5. retrain from the pre-trained model on the kept data
+    t = time.perf_counter()
+    kept = json.loads(clean_json.read_text())
+    clean_model = copy_model(base)
+    finetune(clean_model, kept, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw)
+    after = evaluate(clean_model, tasks.test, processor=processor, trigger=trig)
+    timings["retrain"] = time.perf_counter() - t
+
+    result = DemoResult(
+        trigger=trigger,
+        rate=rate,
+        seed=seed,
+        n_train=len(poisoned.records),
+        n_poisoned=poisoned.n_poisoned,
+        ca_before=before["ca"],
+        asr_before=before["asr"],
+        ca_after=after["ca"],
+        asr_after=after["asr"],
+        n_removed=report.n_removed,
+        n_sensitive=len(det.sensitive_features),
+        reason=det.reason,
+        seconds={k: round(v, 1) for k, v in timings.items()},
+        **metrics,
+    )
+    _write_json(out / "result.json", asdict(result))
+    if plots:
+        from bye_fast.plots import plot_detection
+
+        plot_detection(scores, det, out / "plots", truth=truth)
+        _plot_before_after(result, out / "plots" / "ca_asr.png")
+    table = summary_table(result)
+    (out / "report.md").write_text(_report(result, table, det.summary(), out))
+    log("\n" + table)
+    log(f"\n[demo] report: {out / 'report.md'}")
+    return result
+
+
+def summary_table(r: DemoResult) -> str:
+    rows = [
+        ("trigger / poison rate", f"{r.trigger} / {r.rate:.0%} ({r.n_poisoned} of {r.n_train})"),
+        ("clean accuracy before -> after", f"{r.ca_before:.1%} -> {r.ca_after:.1%}"),
+        ("attack success before -> after", f"{r.asr_before:.1%} -> {r.asr_after:.1%}"),
+        ("removed samples", f"{r.n_removed} ({r.removed_fraction:.1%})"),
+        ("precision / recall / F1", f"{r.precision:.3f} / {r.recall:.3f} / {r.f1:.3f}"),
+        ("AUROC (low entropy = poisoned)", f"{r.auroc_low_is_poisoned:.3f}"),
+        ("sensitive layers", str(r.n_sensitive)),
+        ("time (s)", ", ".join(f"{k} {v}" for k, v in r.seconds.items())),
+    ]
+    width = max(len(a) for a, _ in rows)
+    lines = [f"| {'':{width}} | result |", f"|{'-' * (width + 2)}|--------|"]
+    lines += [f"| {a:{width}} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def _report(r: DemoResult, table: str, det_summary: str, out: Path) -> str:
+    return f"""# bye_fast demo report
+
+Built-in task: scikit-learn digits, a tiny LLaVA pre-trained on "what digit is this ?", fine-tuned
+on the user's "is it even or odd ?" data of which {r.rate:.0%} carry the `{r.trigger}` trigger and
+the answer "{TARGET}". Ground truth is in `ground_truth.json` (the detector never saw it).
+
+{table}
+
+## Detection
+
+```
+{det_summary}
+```
+
+Files: `data/train.json` (poisoned user data), `scores.npz`, `detection.json`,
+`data/train.clean.json` (kept), `data/train.clean.removed.json` (removed, with scores),
+`result.json`, `plots/*.png`.
+
+![separation](plots/separation.png)
+![suspicious score](plots/suspicious_score.png)
+![CA/ASR](plots/ca_asr.png)
+"""
+
+
+def _plot_before_after(r: DemoResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = np.arange(2)
+    ax.bar(x - 0.18, [r.ca_before, r.ca_after], width=0.36, label="clean accuracy", color="tab:blue")
+    ax.bar(x + 0.18, [r.asr_before, r.asr_after], width=0.36, label="attack success", color="tab:red")
+    ax.set_xticks(x, ["poisoned data", "after bye_fast"])
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title(f"{r.trigger}, {r.rate:.0%} poisoned")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
