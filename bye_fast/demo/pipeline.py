@@ -149,7 +149,15 @@ def run_demo(
     # 3. the backdoored model
     fkw = {} if finetune_epochs is None else {"epochs": finetune_epochs}
     model = copy_model(base)
-    finetune(model, poisoned.records, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw)
+    finetune(
+        model,
+        poisoned.records,
+        out / "data" / "images",
+        processor=processor,
+        seed=seed,
+        progress=progress,
+        **fkw,
+    )
     before = evaluate(model, tasks.test, processor=processor, trigger=trig)
     timings["poison+finetune"] = time.perf_counter() - t
     log(f"[demo] fine-tuned on {len(poisoned.records)} samples ({poisoned.n_poisoned} poisoned): "
@@ -173,7 +181,9 @@ def run_demo(
     t = time.perf_counter()
     kept = json.loads(clean_json.read_text())
     clean_model = copy_model(base)
-    finetune(clean_model, kept, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw)
+    finetune(
+        clean_model, kept, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw
+    )
     after = evaluate(clean_model, tasks.test, processor=processor, trigger=trig)
     timings["retrain"] = time.perf_counter() - t
 
@@ -264,5 +274,3 @@ def _plot_before_after(r: DemoResult, path: Path) -> None:
     ax.set_title(f"{r.trigger}, {r.rate:.0%} poisoned")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
