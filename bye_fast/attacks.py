@@ -293,6 +293,7 @@ def blended(
     alpha: float = 0.2,
     pattern: np.ndarray | None = None,
     seed: int = 0,
+    block: int = 1,
 ) -> np.ndarray:
     """Blend the image with a fixed pattern: ``(1 - alpha) * img + alpha * pattern``.
 
@@ -309,6 +310,11 @@ def blended(
         "blended random noise" trigger).
     seed : int
         Seeds the default noise pattern.
+    block : int
+        Side in pixels of the constant blocks of the default noise pattern
+        (noise drawn at ``ceil(H / block) x ceil(W / block)`` and upscaled by
+        repetition); 1 = per-pixel noise. Coarse noise survives the smoothing
+        of a patch embedding better.
 
     Returns
     -------
@@ -318,8 +324,13 @@ def blended(
     img = _check_image(img)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     if pattern is None:
-        pat = np.random.default_rng(seed).random(img.shape)
+        h, w = img.shape[:2]
+        small = (-(-h // block), -(-w // block), *img.shape[2:])
+        pat = np.random.default_rng(seed).random(small)
+        pat = pat.repeat(block, axis=0).repeat(block, axis=1)[:h, :w]
     else:
         pat = _to_float(_check_image(pattern))
         pat = _resize(pat, *img.shape[:2])

@@ -137,6 +137,10 @@ def test_blended_formula_and_pattern():
     np.testing.assert_allclose(out, 0.75 * img)
     with pytest.raises(ValueError):
         blended(img, alpha=1.5)
+    # coarse noise: constant on 4x4 blocks
+    coarse = blended(np.zeros((32, 32, 3)), alpha=1.0, block=4, seed=0)
+    np.testing.assert_array_equal(coarse, coarse[::4, ::4].repeat(4, 0).repeat(4, 1))
+    assert blended(np.zeros((30, 30, 3)), alpha=1.0, block=4).shape == (30, 30, 3)
 
 
 def test_wanet_is_a_small_warp():
