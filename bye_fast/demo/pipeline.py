@@ -180,11 +180,15 @@ def run_demo(
     # 5. retrain from the pre-trained model on the kept data
     t = time.perf_counter()
     kept = json.loads(clean_json.read_text())
-    clean_model = copy_model(base)
-    finetune(
-        clean_model, kept, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw
-    )
-    after = evaluate(clean_model, tasks.test, processor=processor, trigger=trig)
+    if report.n_removed == 0:
+        after = before  # the same data and seed give the same model: no need to train it again
+    elif not kept:
+        log("[demo] every sample was flagged: nothing left to fine-tune on")
+        after = {"ca": float("nan"), "asr": float("nan")}
+    else:
+        clean_model = copy_model(base)
+        finetune(clean_model, kept, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw)
+        after = evaluate(clean_model, tasks.test, processor=processor, trigger=trig)
     timings["retrain"] = time.perf_counter() - t
 
     result = DemoResult(

@@ -141,7 +141,9 @@ def encode(
         Appended after the generation prompt (``+ " </s>"`` if ``eos``).
     """
     prompts = [_prompt(processor, q) for q in questions]
-    out = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
+    # uint8, as images read from PNG files reach the processor when scoring (bye_fast.data)
+    images = [_as_uint8(im) for im in images]
+    out = processor(text=prompts, images=images, return_tensors="pt", padding=True)
     mask = out["attention_mask"].bool()
     prompt_ids = [ids[m] for ids, m in zip(out["input_ids"], mask, strict=True)]
     if answers is None:
@@ -376,6 +378,14 @@ def _starts_with(
             m = len(enc.answer_ids[i])
             hits[i] = bool(torch.equal(pred[row, k - 1 : k - 1 + m], enc.answer_ids[i]))
     return hits
+
+
+def _as_uint8(img: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] as uint8 (what a PNG file holds); uint8 passes through."""
+    img = np.asarray(img)
+    if img.dtype == np.uint8:
+        return img
+    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _uint8_grid(img: np.ndarray) -> np.ndarray:

@@ -1,0 +1,55 @@
+"""The demo pipeline end to end on a reduced size (outputs exist and agree; not a quality threshold)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import bye_fast
+from bye_fast.demo.pipeline import detection_metrics, run_demo
+
+
+def test_detection_metrics():
+    truth = np.array([1, 1, 0, 0, 0, 0], bool)
+    flagged = np.array([1, 0, 1, 0, 0, 0], bool)
+    score = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.7])
+    m = detection_metrics(truth, flagged, score)
+    assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["f1"] == 0.5
+    assert m["auroc_low_is_poisoned"] == 1.0 and m["auroc_high_is_poisoned"] == 0.0
+    assert m["removed_fraction"] == pytest.approx(2 / 6)
+
+
+def test_demo_pipeline_small(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(
+        out,
+        n_user=60,
+        n_pretrain=60,
+        pretrain_epochs=1,
+        finetune_epochs=1,
+        progress=False,
+        verbose=False,
+        threshold=0.0,  # every layer "sensitive": exercises flagging, filtering and retraining
+    )
+    for name in ("report.md", "result.json", "scores.npz", "detection.json", "ground_truth.json",
+                 "data/train.json", "data/train.clean.json", "data/train.clean.removed.json",
+                 "plots/separation.png", "plots/suspicious_score.png", "plots/ca_asr.png"):  # fmt: skip
+        assert (out / name).exists(), name
+    train = json.loads((out / "data" / "train.json").read_text())
+    kept = json.loads((out / "data" / "train.clean.json").read_text())
+    removed = json.loads((out / "data" / "train.clean.removed.json").read_text())
+    assert len(train) == 60 and len(kept) + len(removed) == 60 and len(removed) == result.n_removed
+    det = bye_fast.Detection.from_json(out / "detection.json")
+    assert det.n_flagged == result.n_removed
+    truth = set(json.loads((out / "ground_truth.json").read_text())["poisoned_ids"])
+    assert len(truth) == result.n_poisoned == 6
+    assert not any("poison" in json.dumps(r).lower() for r in train)  # ground truth kept apart
+    for v in (result.ca_before, result.asr_before):
+        assert 0.0 <= v <= 1.0
+    for v in (result.ca_after, result.asr_after):  # undefined only when nothing was kept to retrain on
+        assert (0.0 <= v <= 1.0) if kept else np.isnan(v)
+    assert "attack success" in (out / "report.md").read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_demo(out, n_user=60, n_pretrain=60, progress=False, verbose=False)
