@@ -48,6 +48,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "wanet": ("wanet", {}),  # WaNet defaults s=0.5, k=4: sub-pixel
     "wanet2": ("wanet", {"strength": 2.0}),
     "wanet4": ("wanet", {"strength": 4.0}),
+    "wanet6": ("wanet", {"strength": 6.0}),
     "sig": ("sig", {}),
     "sig02": ("sig", {"amplitude": 0.2}),
 }
