@@ -26,6 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 OPTIONS = [  # (features, flag)
     ("layers", "lower"),  # the paper
@@ -108,6 +109,9 @@ def main() -> None:
     )
     p.add_argument("--rates", type=float, nargs="*", default=[0.0, 0.05, 0.1, 0.2])
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument(
+        "--cells", nargs="*", default=None, help="explicit TRIGGER:RATE:SEED cells (replace the grid)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", default="/tmp/bye_fast_detection_bench")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -118,9 +122,12 @@ def main() -> None:
     from bye_fast.demo.train import pretrained_model
 
     cache = str(Path(args.work) / "cache")
-    for seed in args.seeds:  # pre-train once per seed, before the workers share the cache
+    if args.cells:
+        cells = [(c.split(":")[0], float(c.split(":")[1]), int(c.split(":")[2])) for c in args.cells]
+    else:
+        cells = [(t, r, s) for t in args.triggers for r in args.rates for s in args.seeds]
+    for seed in sorted({c[2] for c in cells}):  # pre-train once per seed, before the workers share the cache
         pretrained_model(build_tasks(seed).pretrain, seed=seed, cache_dir=cache, progress=False)
-    cells = [(t, r, s) for t in args.triggers for r in args.rates for s in args.seeds]
     rows: list[dict] = []
     stem = "detection" + (f"_{args.tag}" if args.tag else "")
     with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
@@ -176,8 +183,14 @@ def write(rows: list[dict], args, stem: str) -> None:
         "",
         f"Machine: {describe()}; {args.workers} worker process(es), 1 torch thread each.",
         "",
-        f"Command: `python benchmarks/detection.py --triggers {' '.join(args.triggers)} --rates "
-        f"{' '.join(map(str, args.rates))} --seeds {' '.join(map(str, args.seeds))}`",
+        "Command: `python benchmarks/detection.py "
+        + (
+            f"--cells {' '.join(args.cells)}"
+            if args.cells
+            else f"--triggers {' '.join(args.triggers)} --rates "
+            f"{' '.join(map(str, args.rates))} --seeds {' '.join(map(str, args.seeds))}"
+        )
+        + "`",
         "",
         "Means over seeds. ASR/CA after cleaning are measured for the default option "
         f"(features={DEFAULT[0]}, flag={DEFAULT[1]}) only: one retraining per cell.",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bye_fast._io import write_json_atomic
 from bye_fast.scores import Scores
 
 __all__ = ["ScoreCheckpoint", "batch_digest", "model_fingerprint"]
@@ -111,17 +111,7 @@ def batch_digest(ids: list, inputs: Mapping[str, Any]) -> bytes:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, obj, default=str)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

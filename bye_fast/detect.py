@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -30,6 +29,7 @@ from typing import ClassVar
 import numpy as np
 from sklearn.mixture import GaussianMixture
 
+from bye_fast._io import write_json_atomic
 from bye_fast.scores import Scores
 
 __all__ = ["Detection", "detect", "MIN_SAMPLES"]
@@ -124,20 +124,7 @@ class Detection:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the detection as JSON, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1, allow_nan=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_json_atomic(path, self.to_dict(), allow_nan=True)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Detection:

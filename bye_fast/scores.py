@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from bye_fast._io import atomic_write
 
 __all__ = ["Scores"]
 
@@ -159,18 +160,8 @@ class Scores:
                 arrays[name] = value
         arrays["meta_keys"] = np.array(list(self.meta.keys()), dtype=str)
         arrays["meta_values"] = np.array([str(v) for v in self.meta.values()], dtype=str)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, "wb") as f:
+            np.savez(f, **arrays)
         return path
 
     @classmethod

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 import bye_fast
+from bye_fast._io import atomic_write, write_json_atomic
 from bye_fast.attacks import make_trigger, poison_dataset
 from bye_fast.data import make_loader
 from bye_fast.demo.tasks import TARGET, build_tasks
@@ -35,7 +35,7 @@ DEMO_TRIGGERS: dict[str, dict] = {
     "white_corner": {"name": "solid_patch", "size": 4, "color": 1.0, "position": "corner"},
     "random_patch": {"name": "random_position_patch", "size": 8, "color": 1.0},
     "blended": {"name": "blended", "alpha": 0.2},
-    "wanet": {"name": "wanet", "strength": 2.0},
+    "wanet": {"name": "wanet", "strength": 6.0},
     "sig": {"name": "sig", "amplitude": 0.2},
 }
 
@@ -86,10 +86,7 @@ class DemoResult:
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def run_demo(
@@ -187,7 +184,15 @@ def run_demo(
         after = {"ca": float("nan"), "asr": float("nan")}
     else:
         clean_model = copy_model(base)
-        finetune(clean_model, kept, out / "data" / "images", processor=processor, seed=seed, progress=progress, **fkw)
+        finetune(
+            clean_model,
+            kept,
+            out / "data" / "images",
+            processor=processor,
+            seed=seed,
+            progress=progress,
+            **fkw,
+        )
         after = evaluate(clean_model, tasks.test, processor=processor, trigger=trig)
     timings["retrain"] = time.perf_counter() - t
 
@@ -276,5 +281,6 @@ def _plot_before_after(r: DemoResult, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend()
     ax.set_title(f"{r.trigger}, {r.rate:.0%} poisoned")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_write(path, "wb", suffix=".png") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,42 @@
+"""Atomic file writes: a temp file in the target's folder, fsync, then ``os.replace``.
+
+A reader never sees a half-written file and a failure leaves no temp file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "write_json_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", suffix: str = ".tmp") -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
+    """``json.dump`` to ``path`` atomically (``indent=1`` unless given)."""
+    dump_kwargs.setdefault("indent", 1)
+    with atomic_write(path) as f:
+        json.dump(obj, f, **dump_kwargs)
+    return Path(path)
