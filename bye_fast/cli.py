@@ -169,7 +169,12 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from bye_fast.demo.pipeline import run_demo
+
+    # training is bit-reproducible for a seed AND a thread count; 1 thread matches the benchmarks
+    torch.set_num_threads(args.threads)
 
     run_demo(
         out=args.out,
@@ -306,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     _detect_options(p)
     p.add_argument("--out", default="bye_fast_demo", help="output folder (default: ./bye_fast_demo)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: results are reproducible for a seed and a thread count, and "
+        "1 thread reproduces the cells of benchmarks/results/detection.md)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing, non-empty --out folder")
     p.set_defaults(func=cmd_demo)
