@@ -116,6 +116,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bye_fast_detection_bench")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="")
+    p.add_argument(
+        "--append", default=None, help="a previous results CSV whose rows are kept (cells are added)"
+    )
     args = p.parse_args()
 
     from bye_fast.demo.tasks import build_tasks
@@ -128,7 +131,7 @@ def main() -> None:
         cells = [(t, r, s) for t in args.triggers for r in args.rates for s in args.seeds]
     for seed in sorted({c[2] for c in cells}):  # pre-train once per seed, before the workers share the cache
         pretrained_model(build_tasks(seed).pretrain, seed=seed, cache_dir=cache, progress=False)
-    rows: list[dict] = []
+    rows: list[dict] = _read_csv(args.append) if args.append else []
     stem = "detection" + (f"_{args.tag}" if args.tag else "")
     with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
         futures = {pool.submit(run_cell, t, r, s, args.work, cache): (t, r, s) for t, r, s in cells}
@@ -141,6 +144,20 @@ def main() -> None:
             rows.extend(got)
             print(json.dumps(got[0]), flush=True)
             write(rows, args, stem)
+
+
+def _read_csv(path: str) -> list[dict]:
+    def parse(v: str):
+        if v == "":
+            return v
+        try:
+            return float(v) if any(c in v for c in ".en") or v.lower() == "nan" else int(v)
+        except ValueError:
+            return v
+
+    with open(path, newline="") as f:
+        return [{k: (v if k in ("trigger", "features", "flag", "error") else parse(v)) for k, v in r.items() if v != ""}
+                for r in csv.DictReader(f)]  # fmt: skip
 
 
 def write(rows: list[dict], args, stem: str) -> None:
@@ -183,7 +200,9 @@ def write(rows: list[dict], args, stem: str) -> None:
         "",
         f"Machine: {describe()}; {args.workers} worker process(es), 1 torch thread each.",
         "",
-        "Command: `python benchmarks/detection.py "
+        "Command"
+        + (f" (adding to the rows of {Path(args.append).name})" if args.append else "")
+        + ": `python benchmarks/detection.py "
         + (
             f"--cells {' '.join(args.cells)}"
             if args.cells

@@ -196,6 +196,24 @@ _LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
 if triton is not None:
 
     @triton.jit
+    def _score_tile(q, k_base, offs_n, n_mask, offs_d, d_mask, stride_kn, qk_scale, DOT_FP32: tl.constexpr):
+        """Scaled scores [BLOCK_G, BLOCK_N] (log2 units) of the G query rows against one key tile.
+
+        The K tile is loaded transposed, [BLOCK_D, BLOCK_N], once for all G heads.
+        """
+        kt = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+            mask=d_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            # fp32 inputs: IEEE fp32 products (TF32, the GPU default, loses ~1e-3).
+            qk = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)  # fp16/bf16 tensor-core products, fp32 accumulation
+        return qk * qk_scale
+
+    @triton.jit
     def _attn_image_stats_kernel(
         q_ptr,
         k_ptr,
@@ -285,18 +303,7 @@ if triton is not None:
         for start in range(0, N, BLOCK_N):
             offs_n = start + offs_n0
             n_mask = offs_n < N
-            # K tile loaded transposed, [BLOCK_D, BLOCK_N], once for all G heads.
-            kt = tl.load(
-                k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                mask=d_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                # fp32 inputs: IEEE fp32 products (TF32, the GPU default, loses ~1e-3).
-                qk = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)  # fp16/bf16 tensor-core products, fp32 accumulation
-            x = qk * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+            x = _score_tile(q, k_base, offs_n, n_mask, offs_d, d_mask, stride_kn, qk_scale, DOT_FP32)
             valid = tl.load(valid_base + offs_n * stride_vn, mask=n_mask, other=0) != 0
             img = (tl.load(img_base + offs_n * stride_in, mask=n_mask, other=0) != 0) & valid
 
@@ -340,16 +347,7 @@ if triton is not None:
         for start in range(0, N, BLOCK_N):
             offs_n = start + offs_n0
             n_mask = offs_n < N
-            kt = tl.load(
-                k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                mask=d_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                qk = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)
-            x = qk * qk_scale
+            x = _score_tile(q, k_base, offs_n, n_mask, offs_d, d_mask, stride_kn, qk_scale, DOT_FP32)
             valid = tl.load(valid_base + offs_n * stride_vn, mask=n_mask, other=0) != 0
             img = (tl.load(img_base + offs_n * stride_in, mask=n_mask, other=0) != 0) & valid
             keep = img[None, :] & g_mask[:, None]
