@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from bye_fast._io import write_json_atomic
-from bye_fast.scores import Scores
+from bye_fast.scores import RowBuffer, Scores
 
 __all__ = ["ScoreCheckpoint", "batch_digest", "model_fingerprint"]
 
@@ -134,14 +133,12 @@ def _shown(items: list[str], k: int = 5) -> str:
     return "; ".join(items[:k]) + (f"; ... ({len(items) - k} more)" if len(items) > k else "")
 
 
-@dataclass
-class _Pending:
-    entropy: list[np.ndarray] = field(default_factory=list)
-    head_entropy: list[np.ndarray] = field(default_factory=list)
-    image_mass: list[np.ndarray] = field(default_factory=list)
-    n_image_tokens: list[np.ndarray] = field(default_factory=list)
-    ids: list = field(default_factory=list)
-    n_batches: int = 0
+class _Pending(RowBuffer):
+    """Rows of the batches not yet written as a shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_batches = 0
 
 
 class ScoreCheckpoint:
@@ -326,11 +323,7 @@ class ScoreCheckpoint:
         p = self._pending
         if self._first_pending is None:
             self._first_pending = index
-        p.entropy.append(entropy)
-        p.head_entropy.append(head_entropy)
-        p.image_mass.append(image_mass)
-        p.n_image_tokens.append(n_image_tokens)
-        p.ids.extend(ids)
+        p.add(entropy, head_entropy, image_mass, n_image_tokens, ids)
         p.n_batches += 1
         if p.n_batches >= self.every:
             self._flush()
@@ -343,14 +336,7 @@ class ScoreCheckpoint:
         stop = first + p.n_batches
         name = f"shard_{first:08d}_{stop:08d}.npz"
         meta = {"first_batch": first, "n_batches": p.n_batches, "data_sha256": self._chain}
-        Scores(
-            entropy=np.concatenate(p.entropy),
-            head_entropy=np.concatenate(p.head_entropy),
-            image_mass=np.concatenate(p.image_mass),
-            ids=p.ids,
-            n_image_tokens=np.concatenate(p.n_image_tokens),
-            meta=meta,
-        ).save(self.directory / name)
+        p.to_scores(meta).save(self.directory / name)
         self.manifest["shards"].append(
             {"file": name, "first_batch": first, "n_batches": p.n_batches, "n_rows": len(p.ids), **meta}
         )

@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from bye_fast.hook import (
     unused_vision_layers_skipped,
 )
 from bye_fast.kernels.attn_entropy import PAPER_EPS
-from bye_fast.scores import Scores
+from bye_fast.scores import RowBuffer, Scores
 
 __all__ = ["score", "score_reference"]
 
@@ -148,25 +148,8 @@ def _check_device(
     return device, dtype
 
 
-@dataclass
-class _Rows:
+class _Rows(RowBuffer):
     """Scored rows as numpy arrays, in order."""
-
-    entropy: list[np.ndarray] = field(default_factory=list)
-    head_entropy: list[np.ndarray] = field(default_factory=list)
-    image_mass: list[np.ndarray] = field(default_factory=list)
-    n_image_tokens: list[np.ndarray] = field(default_factory=list)
-    ids: list = field(default_factory=list)
-
-    def add(self, ent: np.ndarray, he: np.ndarray, mass: np.ndarray, n_img: np.ndarray, ids: list) -> None:
-        self.entropy.append(ent)
-        self.head_entropy.append(he)
-        self.image_mass.append(mass)
-        self.n_image_tokens.append(n_img)
-        self.ids.extend(ids)
-
-    def add_scores(self, part: Scores) -> None:
-        self.add(part.entropy, part.head_entropy, part.image_mass, part.n_image_tokens, part.ids.tolist())
 
     def scores(self, meta: dict, *, n_layers: int, n_heads: int, allow_empty: bool = False) -> Scores:
         if not self.entropy:
@@ -180,14 +163,7 @@ class _Rows:
                 n_image_tokens=np.zeros(0, np.int64),
                 meta=meta,
             )
-        scores = Scores(
-            entropy=np.concatenate(self.entropy),
-            head_entropy=np.concatenate(self.head_entropy),
-            image_mass=np.concatenate(self.image_mass),
-            ids=self.ids,
-            n_image_tokens=np.concatenate(self.n_image_tokens),
-            meta=meta,
-        )
+        scores = self.to_scores(meta)
         missing = scores.no_image_ids
         if missing:
             shown = ", ".join(repr(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")

@@ -10,7 +10,7 @@ import numpy as np
 
 from bye_fast._io import atomic_write
 
-__all__ = ["Scores"]
+__all__ = ["RowBuffer", "Scores"]
 
 _FORMAT_VERSION = 1
 
@@ -180,3 +180,38 @@ class Scores:
                 n_image_tokens=z["n_image_tokens"] if "n_image_tokens" in z else None,
                 meta=meta,
             )
+
+
+@dataclass
+class RowBuffer:
+    """Scored rows collected batch by batch, turned into one :class:`Scores` at the end."""
+
+    entropy: list[np.ndarray] = field(default_factory=list)
+    head_entropy: list[np.ndarray] = field(default_factory=list)
+    image_mass: list[np.ndarray] = field(default_factory=list)
+    n_image_tokens: list[np.ndarray] = field(default_factory=list)
+    ids: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, ent: np.ndarray, he: np.ndarray, mass: np.ndarray, n_img: np.ndarray, ids: list) -> None:
+        self.entropy.append(ent)
+        self.head_entropy.append(he)
+        self.image_mass.append(mass)
+        self.n_image_tokens.append(n_img)
+        self.ids.extend(ids)
+
+    def add_scores(self, part: Scores) -> None:
+        self.add(part.entropy, part.head_entropy, part.image_mass, part.n_image_tokens, part.ids.tolist())
+
+    def to_scores(self, meta: dict) -> Scores:
+        """The rows so far (at least one batch) as ``Scores``."""
+        return Scores(
+            entropy=np.concatenate(self.entropy),
+            head_entropy=np.concatenate(self.head_entropy),
+            image_mass=np.concatenate(self.image_mass),
+            ids=self.ids,
+            n_image_tokens=np.concatenate(self.n_image_tokens),
+            meta=meta,
+        )
