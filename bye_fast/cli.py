@@ -108,7 +108,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         )
         progress = not args.no_progress and rank == 0
         if args.reference:
-            scores = bye_fast.score_reference(model, loader, progress=progress)
+            try:
+                scores = bye_fast.score_reference(model, loader, progress=progress)
+            except Exception as err:
+                if dist is None:
+                    raise
+                gather_scores(None, error=err)  # tells the other ranks instead of leaving them waiting; raises
+                raise  # not reached
             if dist is not None:
                 scores = gather_scores(scores)
         else:
@@ -184,6 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         method=args.method,
         features=args.features,
         flag=args.flag,
+        threshold=args.threshold,
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,

@@ -115,3 +115,14 @@ def test_missing_model_is_a_clear_error(tmp_path):
         main(
             ["score", "--model", str(tmp_path / "nope"), "--data", "x.json", "--out", str(tmp_path / "s.npz")]
         )
+
+
+def test_demo_passes_every_detection_option_on(monkeypatch, tmp_path):
+    import bye_fast.demo.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_demo", lambda **kw: seen.update(kw))
+    argv = ["demo", "--out", str(tmp_path / "d"), "--threshold", "0.25", "--flag", "minority"]
+    assert main(argv + ["--features", "heads", "--trigger", "wanet", "--rate", "0.2", "--seed", "3"]) == 0
+    assert seen["threshold"] == 0.25 and seen["flag"] == "minority" and seen["features"] == "heads"
+    assert (seen["trigger"], seen["rate"], seen["seed"]) == ("wanet", 0.2, 3)
