@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from bye_fast._io import write_json_atomic
-from bye_fast.scores import RowBuffer, Scores
+from bye_fast.scores import RowBuffer, Scores, _as_ids
 
 __all__ = ["ScoreCheckpoint", "batch_digest", "model_fingerprint"]
 
@@ -290,7 +290,7 @@ class ScoreCheckpoint:
                     "order, or another batch size): use a new checkpoint_dir, or delete it to start over"
                 )
             part = Scores.load(self.directory / shard["file"])
-            if part.ids.tolist() != self._stored_ids:
+            if part.ids.tolist() != _as_ids(self._stored_ids).tolist():  # as Scores stores them
                 raise ValueError(
                     f"checkpoint_dir {self.directory} is damaged: {shard['file']} holds ids "
                     f"{_preview(part.ids.tolist())} but its batches have {_preview(self._stored_ids)}"

@@ -142,3 +142,13 @@ def test_other_options_and_foreign_folders_are_refused(finished, tmp_path):
         bye_fast.score(model, batches, progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
         bye_fast.score(model, batches, progress=False, checkpoint_dir=tmp_path / "new", checkpoint_every=0)
+
+
+def test_mixed_int_and_str_ids_resume(tmp_path):
+    # a file may mix int and str ids; Scores stores them as strings, the resume must agree
+    model, batches = llava(n_batches=3, batch_size=2)
+    batches = [{**b, "ids": [2 * i, f"s{2 * i + 1}"]} for i, b in enumerate(batches)]
+    first = bye_fast.score(model, batches, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    calls = _count_forwards(model)
+    again = bye_fast.score(model, batches, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert calls == [] and again.ids.tolist() == first.ids.tolist() == ["0", "s1", "2", "s3", "4", "s5"]
