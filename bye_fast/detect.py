@@ -118,13 +118,13 @@ class Detection:
         for key, value in d.items():
             if isinstance(value, np.ndarray):
                 d[key] = value.tolist()
-        d["suspicious_score"] = [None if not np.isfinite(v) else float(v) for v in self.suspicious_score]
+        d = _finite_or_none(d)  # NaN / inf -> null: strict JSON that jq and browsers read
         d["format"] = "bye_fast.detection/1"
         return d
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        """Write the detection as JSON, atomically."""
-        return write_json_atomic(path, self.to_dict(), allow_nan=True)
+        """Write the detection as strict JSON (non-finite numbers as ``null``), atomically."""
+        return write_json_atomic(path, self.to_dict(), allow_nan=False)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Detection:
@@ -134,11 +134,23 @@ class Detection:
             raise ValueError(f"{path}: not a bye_fast detection file")
         d["ids"] = np.asarray(d["ids"])
         d["flagged"] = np.asarray(d["flagged"], dtype=bool)
-        d["suspicious_score"] = np.asarray([np.nan if v is None else v for v in d["suspicious_score"]], float)
-        for key in ("separation", "kl", "feature_weights", "feature_means", "feature_stds"):
-            d[key] = np.asarray(d[key], dtype=float)
+        for key in ("suspicious_score", "separation", "kl", "feature_weights", "feature_means", "feature_stds"):
+            d[key] = np.asarray(d[key], dtype=float)  # null -> NaN
+        if d.get("mixture") is not None:
+            d["mixture"] = {k: [np.nan if v is None else v for v in vs] for k, vs in d["mixture"].items()}
         d["sensitive_features"] = np.asarray(d["sensitive_features"], dtype=np.int64)
         return cls(**d)
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _feature_matrix(scores: Scores, features: str) -> tuple[np.ndarray, list[str]]:
@@ -214,8 +226,21 @@ def detect(
         raise ValueError(f"threshold must be finite; got {threshold}")
     x, names = _feature_matrix(scores, features)
     n = x.shape[0]
-    valid = np.isfinite(x).all(axis=1)
-    no_image_ids = scores.ids[~valid].tolist()
+    finite = np.isfinite(x).all(axis=1)
+    if scores.n_image_tokens is not None:
+        no_image = np.asarray(scores.n_image_tokens) == 0
+    else:  # scores built by hand: a row with no finite value is a sample without image tokens
+        no_image = ~np.isfinite(x).any(axis=1)
+    broken = ~finite & ~no_image
+    if broken.any():
+        first = scores.ids[broken][:5].tolist()
+        raise ValueError(
+            f"{int(broken.sum())} sample(s) with image tokens have non-finite {features} entropies "
+            f"(ids {first}{' ...' if broken.sum() > 5 else ''}): an overflow (score in float32) or a "
+            "layer that never reported; they would be neither flagged nor kept knowingly, so detect refuses"
+        )
+    valid = finite & ~no_image
+    no_image_ids = scores.ids[no_image].tolist()
     if valid.sum() < MIN_SAMPLES:
         raise ValueError(
             f"detect needs at least {MIN_SAMPLES} samples with finite scores; got {int(valid.sum())} "

@@ -102,6 +102,27 @@ def test_nan_rows_never_flagged_and_reported():
     keep = np.ones(len(poisoned), bool)
     keep[[0, 7]] = False
     np.testing.assert_array_equal(det.flagged[keep], poisoned[keep])
+    # with the image-token counts, those decide which rows had no image
+    n_img = np.full(len(poisoned), 64)
+    n_img[[0, 7]] = 0
+    counted = Scores(
+        entropy=scores.entropy, head_entropy=scores.head_entropy, ids=scores.ids, n_image_tokens=n_img
+    )
+    assert bye_fast.detect(counted).no_image_ids == ["s000", "s007"] == counted.no_image_ids
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_entropy_of_a_sample_with_an_image_is_an_error_naming_it(value):
+    scores, _ = _synthetic()
+    scores.entropy[12, 3] = value  # one layer of one sample: not a sample without image
+    with pytest.raises(ValueError, match=r"1 sample\(s\) with image tokens .*s012"):
+        bye_fast.detect(scores)
+    n_img = np.full(scores.n_samples, 64)
+    counted = Scores(
+        entropy=scores.entropy, head_entropy=scores.head_entropy, ids=scores.ids, n_image_tokens=n_img
+    )
+    with pytest.raises(ValueError, match="s012"):
+        bye_fast.detect(counted)
 
 
 def test_too_few_samples_and_bad_options():
@@ -126,3 +147,23 @@ def test_json_round_trip(tmp_path):
     np.testing.assert_allclose(back.suspicious_score, det.suspicious_score)
     np.testing.assert_array_equal(back.sensitive_features, det.sensitive_features)
     assert back.ids.tolist() == det.ids.tolist() and back.reason == det.reason
+
+
+def test_json_is_strict_with_unfittable_features(tmp_path):
+    import json
+
+    scores, _ = _synthetic()
+    scores.entropy[:, 0] = 4.0  # a constant layer: its mixture cannot be fitted
+    det = bye_fast.detect(scores)
+    assert not np.isfinite(det.separation[0])
+    path = det.to_json(tmp_path / "det.json")
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    raw = json.loads(path.read_text(), parse_constant=refuse)  # NaN / Infinity would fail here
+    assert raw["separation"][0] is None
+    back = Detection.from_json(path)
+    np.testing.assert_array_equal(np.isnan(back.separation), np.isnan(det.separation))
+    np.testing.assert_allclose(back.separation, det.separation)
+    np.testing.assert_array_equal(back.flagged, det.flagged)
