@@ -1,6 +1,8 @@
 """Atomic file writes: a temp file in the target's folder, fsync, then ``os.replace``.
 
 A reader never sees a half-written file and a failure leaves no temp file behind.
+The file gets the permissions a plain ``open`` would give it (``0o666 & ~umask``),
+not ``mkstemp``'s owner-only ``0o600``: results are meant to be shared and audited.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json_atomic"]
+__all__ = ["atomic_write", "default_file_mode", "write_json_atomic"]
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` would create a file with: ``0o666`` less the umask."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -23,6 +32,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", suffix: str = ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # POSIX
+            os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

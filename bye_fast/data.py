@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -743,21 +744,35 @@ def filter_dataset(
 
     mode = os.stat(src).st_mode & 0o777
     tmps: list[str] = []
-    placed: Path | None = None
+    placed = False
+    backup: str | None = None  # the audit file being overwritten, restored if dst cannot be placed
     try:
         for out, content in ((removed, audit), (dst, kept)):
             fmt = _file_format(out)
             tmps.append(_write_temp(out, content, src_format if fmt == "unknown" else fmt, mode))
+        if removed.exists():
+            backup = f"{tmps[0]}.previous"
+            try:
+                os.link(removed, backup)
+            except OSError:  # no hard links here
+                shutil.copy2(removed, backup)
         os.replace(tmps[0], removed)
-        placed = removed
+        placed = True
         os.replace(tmps[1], dst)
-        placed = None
+        placed = False
     except BaseException:
         for tmp in tmps:
             _unlink(tmp)
-        if placed is not None:
-            _unlink(placed)
+        if placed:  # the new audit file is in place but its dataset is not: put the old one back
+            if backup is not None:
+                os.replace(backup, removed)
+                backup = None
+            else:
+                _unlink(removed)
         raise
+    finally:
+        if backup is not None:
+            _unlink(backup)
     for parent in {dst.parent.resolve(), removed.parent.resolve()}:
         _fsync_dir(parent)
     return FilterReport(len(records), len(kept), len(audit), dst, removed)

@@ -493,3 +493,40 @@ def test_filter_atomic_keeps_old_dst(tmp_path, dataset_dir, monkeypatch):
         filter_dataset(src, _detection(load_records(src)), dst, overwrite=True)
     assert dst.read_text(encoding="utf-8") == "previous\n"
     assert [p.name for p in tmp_path.iterdir()] == ["clean.jsonl"]
+
+
+def test_filter_failing_overwrite_keeps_the_old_pair(tmp_path, dataset_dir, monkeypatch):
+    # dst and its audit file exist; the new audit file is placed, then placing dst fails:
+    # the old audit file must come back, or the old dst would be left without one
+    src = dataset_dir / "data.json"
+    dst = tmp_path / "clean.json"
+    dst.write_text("old dataset\n", encoding="utf-8")
+    removed = tmp_path / "clean.removed.json"
+    removed.write_text("old audit\n", encoding="utf-8")
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError("rename failed (simulated)")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        filter_dataset(src, _detection(load_records(src)), dst, overwrite=True)
+    monkeypatch.undo()
+    assert dst.read_text(encoding="utf-8") == "old dataset\n"
+    assert removed.read_text(encoding="utf-8") == "old audit\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.json", "clean.removed.json"]
+
+
+def test_outputs_get_the_umask_permissions_not_owner_only(tmp_path, dataset_dir):
+    from bye_fast._io import default_file_mode, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+        path = write_json_atomic(tmp_path / "x.json", {"a": 1})
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
