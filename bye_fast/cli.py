@@ -113,7 +113,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             except Exception as err:
                 if dist is None:
                     raise
-                gather_scores(None, error=err)  # tells the other ranks instead of leaving them waiting; raises
+                gather_scores(
+                    None, error=err
+                )  # tells the other ranks instead of leaving them waiting; raises
                 raise  # not reached
             if dist is not None:
                 scores = gather_scores(scores)
@@ -144,12 +146,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     import bye_fast
-    from bye_fast.plots import plot_detection
+    from bye_fast.plots import PLOT_NAMES, plot_detection
 
     scores = bye_fast.Scores.load(args.scores)
     out = Path(args.out)
     det_path = out / "detection.json"
     _refuse_existing(det_path, args.overwrite)
+    if not args.no_plots:
+        for name in PLOT_NAMES:
+            _refuse_existing(out / "plots" / name, args.overwrite)
     det = bye_fast.detect(
         scores, method=args.method, features=args.features, threshold=args.threshold, flag=args.flag
     )
@@ -166,6 +171,11 @@ def cmd_filter(args: argparse.Namespace) -> int:
     import bye_fast
     from bye_fast.detect import Detection
 
+    from bye_fast.data import _same_file, audit_path
+
+    for path in (Path(args.out), audit_path(args.out, args.removed)):
+        if _same_file(path, Path(args.detection)):
+            raise SystemExit(f"bye-fast: {path} is the --detection input; write the outputs elsewhere")
     det = Detection.from_json(args.detection)
     report = bye_fast.filter_dataset(
         args.data, det, args.out, removed_path=args.removed, overwrite=args.overwrite

@@ -530,6 +530,12 @@ class FilterReport:
         )
 
 
+def audit_path(dst: PathLike, removed_path: PathLike | None = None) -> Path:
+    """Where :func:`filter_dataset` writes the audit file: ``removed_path``, else ``<dst stem>.removed.json``."""
+    dst = Path(dst)
+    return Path(removed_path) if removed_path is not None else dst.with_name(f"{dst.stem}.removed.json")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
@@ -718,7 +724,7 @@ def filter_dataset(
     process in between is overwritten.
     """
     src, dst = Path(src), Path(dst)
-    removed = Path(removed_path) if removed_path is not None else dst.with_name(f"{dst.stem}.removed.json")
+    removed = audit_path(dst, removed_path)
     for name, out in (("dst", dst), ("removed_path", removed)):
         if _same_file(out, src):
             raise ValueError(f"refusing to write {name} {out} over the source dataset {src}")

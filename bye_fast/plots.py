@@ -29,6 +29,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+#: The files :func:`plot_detection` writes in its folder.
+PLOT_NAMES = ("separation.png", "suspicious_score.png", "layer_entropy.png")
+
+
 def plot_detection(
     scores: Scores,
     detection: Detection,

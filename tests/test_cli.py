@@ -91,6 +91,16 @@ def test_round_trip(workspace, capsys):
     assert rc == 2
     assert "train.json" in capsys.readouterr().err
     assert _sha(w / "train.json") == src_hash
+    # the plots are outputs too; and the detection input is never an output of filter
+    det_json = w / "det.json"
+    (w / "det" / "detection.json").rename(det_json)
+    with pytest.raises(SystemExit, match="separation.png exists; pass --overwrite"):
+        main(["detect", str(w / "scores.npz"), "--out", str(w / "det")])
+    det_hash = _sha(det_json)
+    for extra in (["--out", str(det_json)], ["--out", str(w / "c2.json"), "--removed", str(det_json)]):
+        with pytest.raises(SystemExit, match="is the --detection input"):
+            main(["filter", "--data", str(w / "train.json"), "--detection", str(det_json), "--overwrite", *extra])
+    assert _sha(det_json) == det_hash and not (w / "c2.json").exists()
 
     # the paper's threshold on a random model: a decision with its reason, on every layer
     assert main(["detect", str(w / "scores.npz"), "--out", str(w / "det_paper"), "--no-plots"]) == 0
