@@ -15,6 +15,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch and transformers only when a command needs them
+    import torch
+    from transformers import ProcessorMixin
 
 __all__ = ["main"]
 
@@ -25,7 +30,9 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 # --------------------------------------------------------------------------- model loading
-def load_model_and_processor(model: str, processor: str | None, dtype: str, device: str):
+def load_model_and_processor(
+    model: str, processor: str | None, dtype: str, device: str
+) -> tuple[torch.nn.Module, ProcessorMixin]:
     """A model from a local directory (weights), or random weights from a config.json.
 
     The processor comes from ``processor`` (a directory), else from the model's directory.
@@ -169,9 +176,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     import bye_fast
-    from bye_fast.detect import Detection
-
     from bye_fast.data import _same_file, audit_path
+    from bye_fast.detect import Detection
 
     for path in (Path(args.out), audit_path(args.out, args.removed)):
         if _same_file(path, Path(args.detection)):

@@ -24,13 +24,16 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from sklearn.mixture import GaussianMixture
 
 from bye_fast._io import write_json_atomic
 from bye_fast.scores import Scores
+
+if TYPE_CHECKING:
+    from bye_fast.stats import BimodalFit
 
 __all__ = ["Detection", "detect", "MIN_SAMPLES"]
 
@@ -168,7 +171,7 @@ def _feature_matrix(scores: Scores, features: str) -> tuple[np.ndarray, list[str
     return np.asarray(x, dtype=np.float64), names
 
 
-def fit_features(x: np.ndarray, *, bins: int = 4096):
+def fit_features(x: np.ndarray, *, bins: int = 4096) -> BimodalFit:
     """Per-column 2-component mixtures via the native streaming statistics."""
     from bye_fast.stats import BimodalStats
 

@@ -155,7 +155,7 @@ def merge_stats_across_ranks(stats: S, *, group: Any = None) -> S:
     and ``merge(other)`` (which merges ``other`` into the object; its return
     value is not used), such as ``bye_fast.stats.BimodalStats``. Every rank
     gets an equal result, since every rank merges the same blobs in the same
-    order. Without an initialised process group, ``stats`` is returned as is.
+    order. Without an initialised process group, the result is a copy of ``stats``.
 
     Parameters
     ----------
@@ -174,7 +174,7 @@ def merge_stats_across_ranks(stats: S, *, group: Any = None) -> S:
                 f"merge_stats_across_ranks needs an object with {name}(); got {type(stats).__name__}"
             )
     if rank_and_world_size(group) is None:
-        return stats
+        return type(stats).from_bytes(stats.to_bytes())  # a copy, as with a group
     blobs = _all_gather(stats.to_bytes(), group)
     cls = type(stats)
     merged = cls.from_bytes(blobs[0])

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -41,7 +41,11 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "BatchCollector",
     "attention_stats_hook",
+    "collecting",
+    "preserved_model_state",
     "register",
+    "set_text_attn_implementation",
+    "text_config",
     "unused_vision_layers_skipped",
 ]
 
@@ -179,7 +183,7 @@ def _all_configs(config) -> Iterator:
             stack.append(getattr(c, key, None))
 
 
-def text_config(model):
+def text_config(model: torch.nn.Module) -> PretrainedConfig:
     """The text decoder's config of a multimodal (or plain) model."""
     cfg = model.config
     try:
@@ -217,7 +221,7 @@ def attention_stats_hook(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def set_text_attn_implementation(model, text_cfg, name: str) -> None:
+def set_text_attn_implementation(model: torch.nn.Module, text_cfg: PretrainedConfig, name: str) -> None:
     """Set ``name`` on the text config only (other sub-configs keep theirs)."""
     if text_cfg is model.config:
         model.set_attn_implementation(name)
@@ -248,7 +252,7 @@ def collecting(collector: BatchCollector) -> Iterator[BatchCollector]:
 
 
 #: Models whose projector reads ``hidden_states[config.vision_feature_layer]`` of a CLIP/SigLIP-style
-#: vision tower; checked (tests/test_scale.py) to give identical scores with the unused layers skipped.
+#: vision tower; checked (tests/test_batching.py::test_skipping_unused_vision_layers_changes_nothing) to give identical scores with the unused layers skipped.
 _FEATURE_LAYER_MODELS = ("LlavaModel", "LlavaNextModel")
 
 

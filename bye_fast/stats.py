@@ -7,7 +7,6 @@ components are well apart: ``|mu1 - mu2| > 2 (sigma1 + sigma2)``, i.e. ``separat
 arrives in chunks and may live on several workers:
 
     import numpy as np
-import numpy.typing as npt
     from bye_fast.stats import BimodalStats
 
     st = BimodalStats(n_features=32, lo=0.0, hi=np.log(576) + 1e-6)   # entropy range, 576 tokens

@@ -113,9 +113,12 @@ def test_two_ranks_match_one_process(tmp_path):
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["rank0of2", "rank1of2"]
 
 
-def test_merge_stats_without_process_group_is_identity():
+def test_merge_stats_without_process_group_is_a_copy():
     stats = FakeStats(2, 3.0)
-    assert merge_stats_across_ranks(stats) is stats
+    merged = merge_stats_across_ranks(stats)
+    assert merged is not stats and (merged.n, merged.total) == (2, 3.0)
+    merged.merge(FakeStats(1, 1.0))  # the caller's object is never the result, so never modified
+    assert (stats.n, stats.total) == (2, 3.0)
     with pytest.raises(TypeError, match="to_bytes"):
         merge_stats_across_ranks(object())
 
