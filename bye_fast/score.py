@@ -95,13 +95,12 @@ def _validated(batch: Any, index: int) -> tuple[dict[str, Any], list | None, int
     return inputs, ids, B
 
 
-def _prepare(batch: Any, index: int, image_token_id: int, device: torch.device, dtype: torch.dtype) -> _Batch:
-    inputs, ids, B = _validated(batch, index)
+def _attended(inputs: dict[str, Any], index: int, ids: list | None) -> torch.Tensor:
+    """The batch's attention mask as bool (all True without one); errors name the row's id."""
     input_ids = inputs["input_ids"]
-    N = input_ids.shape[1]
     mask = inputs.get("attention_mask")
     if mask is None:
-        mask = torch.ones_like(input_ids)
+        return torch.ones_like(input_ids, dtype=torch.bool)
     if mask.shape != input_ids.shape:
         raise ValueError(
             f"batch {index}: attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
@@ -111,6 +110,14 @@ def _prepare(batch: Any, index: int, image_token_id: int, device: torch.device, 
         row = int((~attended.any(dim=1)).nonzero()[0])
         who = f"id {ids[row]!r}" if ids is not None else f"row {row}"
         raise ValueError(f"batch {index}: {who} has an all-zero attention_mask")
+    return attended
+
+
+def _prepare(batch: Any, index: int, image_token_id: int, device: torch.device, dtype: torch.dtype) -> _Batch:
+    inputs, ids, B = _validated(batch, index)
+    input_ids = inputs["input_ids"]
+    N = input_ids.shape[1]
+    attended = _attended(inputs, index, ids)
     positions = torch.arange(N, device=attended.device)
     qpos = torch.where(attended, positions, -1).amax(dim=1)  # last attended position (left or right padding)
     key_valid = attended & (positions[None, :] <= qpos[:, None])
@@ -242,6 +249,7 @@ class _FusedScorer:
         self.long_row_reported = False
 
     def __call__(self, inputs: dict[str, Any], index: int, ids: list) -> _RowArrays:
+        _attended(inputs, index, ids)  # checked on the whole batch, so that errors name the sample
         pieces = [inputs]
         if self.max_tokens is not None:
             pieces, too_long = split_batch(

@@ -116,6 +116,12 @@ def test_bad_inputs_raise_clear_errors():
         bye_fast.score(model, [{**batches[0], "ids": ["a", "b"]}], progress=False)
     with pytest.raises(ValueError, match="batch 0: expected a dict"):
         bye_fast.score(model, [batches[0]["input_ids"]], progress=False)
+    # an all-zero mask is named by the sample's id, also when the batch is split by a token budget
+    dead = {**batches[0], "ids": ["a", "b", "c"], "attention_mask": batches[0]["attention_mask"].clone()}
+    dead["attention_mask"][2] = 0
+    for budget in (None, batches[0]["input_ids"].shape[1]):
+        with pytest.raises(ValueError, match="batch 0: id 'c' has an all-zero attention_mask"):
+            bye_fast.score(model, [dead], progress=False, max_tokens_per_batch=budget)
     orig = model.config.image_token_id
     model.config.image_token_id = None  # a model that does not say which token is the image
     try:
