@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bye_fast
-from bye_fast.demo.pipeline import detection_metrics, run_demo
+from bye_fast.demo.pipeline import detection_metrics, feature_ceiling, linear_ceiling, run_demo
 
 
 def test_detection_metrics():
@@ -53,3 +53,38 @@ def test_demo_pipeline_small(tmp_path):
     assert "attack success" in (out / "report.md").read_text()
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_demo(out, n_user=60, n_pretrain=60, progress=False, verbose=False)
+
+
+def test_feature_ceiling_finds_the_separating_feature_and_its_direction():
+    rng = np.random.default_rng(0)
+    truth = np.zeros(200, dtype=bool)
+    truth[rng.choice(200, 20, replace=False)] = True
+    x = rng.normal(size=(200, 3))
+    x[truth, 1] -= 10.0  # column 1 separates, poisoned LOW
+    c = feature_ceiling(truth, x)
+    assert c["ceiling_feature"] == 1 and c["ceiling_direction"] == "low"
+    assert c["ceiling_auroc"] == 1.0 and c["ceiling_f1"] == 1.0
+    # a brute-force F1 over every threshold of every column and direction agrees on noise
+    x = rng.normal(size=(200, 3))
+    best = 0.0
+    for j in range(3):
+        for v in (x[:, j], -x[:, j]):
+            for cut in v:
+                f = v >= cut
+                tp = (f & truth).sum()
+                best = max(best, 2 * tp / (f.sum() + truth.sum()))
+    assert abs(feature_ceiling(truth, x)["ceiling_f1"] - best) < 1e-12
+    assert np.isnan(feature_ceiling(np.zeros(200, bool), x)["ceiling_f1"])  # no poison: no ceiling
+
+
+def test_linear_ceiling_sees_a_direction_no_single_feature_separates():
+    rng = np.random.default_rng(1)
+    truth = np.zeros(300, dtype=bool)
+    truth[:30] = True
+    z = rng.normal(size=(300, 2))
+    a, b = 3 * z[:, 0], 3 * z[:, 0] + 0.5 * z[:, 1]  # two strongly correlated features
+    b[truth] += 2.0  # poisoned: displaced ACROSS the correlation, hidden in each feature alone
+    x = np.stack([a, b], axis=1)
+    assert feature_ceiling(truth, x)["ceiling_f1"] < 0.5
+    assert linear_ceiling(truth, x) > 0.9
+    assert np.isnan(linear_ceiling(np.zeros(300, bool), x))
