@@ -782,4 +782,3 @@ def filter_dataset(
     for parent in {dst.parent.resolve(), removed.parent.resolve()}:
         _fsync_dir(parent)
     return FilterReport(len(records), len(kept), len(audit), dst, removed)
-

@@ -137,7 +137,14 @@ class Detection:
             raise ValueError(f"{path}: not a bye_fast detection file")
         d["ids"] = np.asarray(d["ids"])
         d["flagged"] = np.asarray(d["flagged"], dtype=bool)
-        for key in ("suspicious_score", "separation", "kl", "feature_weights", "feature_means", "feature_stds"):
+        for key in (
+            "suspicious_score",
+            "separation",
+            "kl",
+            "feature_weights",
+            "feature_means",
+            "feature_stds",
+        ):
             d[key] = np.asarray(d[key], dtype=float)  # null -> NaN
         if d.get("mixture") is not None:
             d["mixture"] = {k: [np.nan if v is None else v for v in vs] for k, vs in d["mixture"].items()}

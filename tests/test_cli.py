@@ -99,7 +99,17 @@ def test_round_trip(workspace, capsys):
     det_hash = _sha(det_json)
     for extra in (["--out", str(det_json)], ["--out", str(w / "c2.json"), "--removed", str(det_json)]):
         with pytest.raises(SystemExit, match="is the --detection input"):
-            main(["filter", "--data", str(w / "train.json"), "--detection", str(det_json), "--overwrite", *extra])
+            main(
+                [
+                    "filter",
+                    "--data",
+                    str(w / "train.json"),
+                    "--detection",
+                    str(det_json),
+                    "--overwrite",
+                    *extra,
+                ]
+            )
     assert _sha(det_json) == det_hash and not (w / "c2.json").exists()
 
     # the paper's threshold on a random model: a decision with its reason, on every layer
@@ -109,7 +119,9 @@ def test_round_trip(workspace, capsys):
 
 
 def test_help_explains_every_command(capsys):
-    out = subprocess.run([sys.executable, "-m", "bye_fast", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bye_fast", "--help"], capture_output=True, text=True, check=True
+    )
     for cmd in ("score", "detect", "filter", "demo"):
         assert cmd in out.stdout
     for cmd in ("score", "detect", "filter", "demo"):

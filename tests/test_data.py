@@ -40,6 +40,7 @@ def _record(i: int) -> dict:
     extra = {"source": "test", "meta": {"k": i, "tags": ["a", "b"]}, "score": i / 3}
     if i == 5:
         extra["note"] = "unicode é \u2028 line-separator and \u00a0 nbsp"
+
     def conv(q):
         return [{"from": "human", "value": q}, {"from": "gpt", "value": "even"}]
 
@@ -130,11 +131,17 @@ def test_load_jsonl_named_json_and_blank_lines(tmp_path, records):
         ("notobj.json", '[{"id": 0, "conversations": [{"from": "human", "value": "q"}]}, 7]', "record 1"),
         ("noid.json", '[{"conversations": [{"from": "human", "value": "q"}]}]', "record 0"),
         ("boolid.json", '[{"id": true, "conversations": [{"from": "human", "value": "q"}]}]', "bool"),
-        ("noconv.jsonl", '{"id": "a", "conversations": [{"from": "human", "value": "q"}]}\n{"id": "zz"}\n',
-         "'zz'"),
+        (
+            "noconv.jsonl",
+            '{"id": "a", "conversations": [{"from": "human", "value": "q"}]}\n{"id": "zz"}\n',
+            "'zz'",
+        ),
         ("nohuman.json", '[{"id": "h1", "conversations": [{"from": "gpt", "value": "x"}]}]', "'h1'"),
-        ("badimg.json", '[{"id": "i1", "image": 3, "conversations": [{"from": "human", "value": "q"}]}]',
-         "'i1'"),
+        (
+            "badimg.json",
+            '[{"id": "i1", "image": 3, "conversations": [{"from": "human", "value": "q"}]}]',
+            "'i1'",
+        ),
     ],
 )
 def test_load_records_errors(tmp_path, name, content, needle):
@@ -291,10 +298,17 @@ def test_shard_indices_cover(n):
         assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize(("n", "rank", "ws", "exc"), [
-    (-1, 0, 1, ValueError), (5, 2, 2, ValueError), (5, -1, 2, ValueError), (5, 0, 0, ValueError),
-    (5.0, 0, 1, TypeError), (5, True, 2, TypeError),
-])
+@pytest.mark.parametrize(
+    ("n", "rank", "ws", "exc"),
+    [
+        (-1, 0, 1, ValueError),
+        (5, 2, 2, ValueError),
+        (5, -1, 2, ValueError),
+        (5, 0, 0, ValueError),
+        (5.0, 0, 1, TypeError),
+        (5, True, 2, TypeError),
+    ],
+)
 def test_shard_indices_bad_args(n, rank, ws, exc):
     with pytest.raises(exc):
         shard_indices(n, rank, ws)
@@ -390,22 +404,38 @@ def test_filter_id_matching(tmp_path, dataset_dir):
     with pytest.raises(ValueError, match="one entry per sample"):
         filter_dataset(src, det, tmp_path / "f.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "a.json", "a.removed.json", "ints.clean.json", "ints.clean.removed.json", "ints.json"]
+        "a.json",
+        "a.removed.json",
+        "ints.clean.json",
+        "ints.clean.removed.json",
+        "ints.json",
+    ]
 
 
 def test_filter_audit_info(tmp_path, dataset_dir):
     src = dataset_dir / "data.jsonl"
     records = load_records(src)
     n = len(records)
-    det = _detection(records, posterior=np.full(n, 0.9), entropy=np.ones((n, 4)), kl=np.zeros(4),
-                     name="bye", labels=[f"c{i}" for i in range(n)])
+    det = _detection(
+        records,
+        posterior=np.full(n, 0.9),
+        entropy=np.ones((n, 4)),
+        kl=np.zeros(4),
+        name="bye",
+        labels=[f"c{i}" for i in range(n)],
+    )
     det.suspicious_score = det.suspicious_score.copy()
     det.suspicious_score[7] = np.nan
     report = filter_dataset(src, det, tmp_path / "clean.jsonl", removed_path=tmp_path / "audit.jsonl")
     audit = load_records(tmp_path / "audit.jsonl")  # the audit file is itself LLaVA-format
     info = {e["id"]: e[data.AUDIT_KEY] for e in audit}
-    assert info["s007"] == {"index": 7, "suspicious_score": None, "posterior": 0.9,
-                            "entropy": [1.0] * 4, "labels": "c7"}
+    assert info["s007"] == {
+        "index": 7,
+        "suspicious_score": None,
+        "posterior": 0.9,
+        "entropy": [1.0] * 4,
+        "labels": "c7",
+    }
     assert report.removed_path == tmp_path / "audit.jsonl"
     det.per_sample_fields = ("posterior",)
     filter_dataset(src, det, tmp_path / "x.json", removed_path=tmp_path / "x.audit.json")

@@ -26,7 +26,14 @@ from bye_fast.data import make_loader
 from bye_fast.demo.tasks import TARGET, build_tasks
 from bye_fast.demo.train import copy_model, evaluate, finetune, pretrained_model
 
-__all__ = ["DEMO_TRIGGERS", "DemoResult", "detection_metrics", "feature_ceiling", "linear_ceiling", "run_demo"]
+__all__ = [
+    "DEMO_TRIGGERS",
+    "DemoResult",
+    "detection_metrics",
+    "feature_ceiling",
+    "linear_ceiling",
+    "run_demo",
+]
 
 #: Named trigger presets of the demo and the detection benchmark (``make_trigger`` arguments).
 DEMO_TRIGGERS: dict[str, dict] = {
