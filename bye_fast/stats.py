@@ -240,20 +240,14 @@ class BimodalStats:
         *,
         reg_covar: float = 1e-6,
         n_threads: int | None = None,
-        n_starts: int = 5,
     ) -> BimodalFit:
         """Fit a two-component 1-D Gaussian mixture to every feature, by EM on its histogram.
 
         The data of a feature are its occupied histogram bins, each bin centre weighted by its
-        count. EM starts are deterministic hard two-class splits: at the histogram's Otsu
-        threshold (the global optimum of 1-D 2-means, comparable to sklearn's k-means
-        initialisation) and at ``n_starts`` evenly spaced quantiles of the weight. From each, EM
-        runs until the mean log-likelihood per sample changes by less than ``tol``, or
-        ``max_iter`` iterations; the most likely result is kept (ties: the earlier start).
-        (The likelihood of a skewed or three-mode feature has several maxima; from one start EM
-        can stop at a poor one, e.g. a small component cut off a tail, and the paper's
-        sensitivity rule would then read a unimodal feature as bimodal. ``n_starts=0`` is the
-        single Otsu start.) Every variance is kept at least
+        count. EM starts from the hard two-class split at the histogram's Otsu threshold
+        (deterministic; the global optimum of 1-D 2-means, comparable to sklearn's k-means
+        initialisation) and stops when the mean log-likelihood per sample changes by less than
+        ``tol``, or after ``max_iter`` iterations. Every variance is kept at least
         ``bin_width**2 / 12`` (the variance of one bin) and gets ``reg_covar`` added, as in
         sklearn. Binning adds about ``bin_width**2 / 12`` to each fitted variance (Sheppard); it is
         not corrected for.
@@ -268,8 +262,6 @@ class BimodalStats:
             Added to every variance, >= 0 (sklearn's default 1e-6; it is in squared data units).
         n_threads : int, optional
             Threads over features. Default: ``OMP_NUM_THREADS`` if set, else the CPU count.
-        n_starts : int
-            Extra EM starts besides Otsu's split, >= 0 (cost: one EM per start).
 
         Returns
         -------
@@ -278,11 +270,7 @@ class BimodalStats:
         if n_threads is None:
             n_threads = _default_threads()
         res = self._impl.fit(
-            operator.index(max_iter),
-            float(tol),
-            float(reg_covar),
-            operator.index(n_threads),
-            operator.index(n_starts),
+            operator.index(max_iter), float(tol), float(reg_covar), operator.index(n_threads)
         )
         return BimodalFit(**res)
 

@@ -523,55 +523,27 @@ void fit_feature(const std::int64_t* h, std::int64_t bins, double lo, double wid
     const double edge_hi = static_cast<double>(split.kend + 1) * width + lo;
     out.otsu = 0.5 * (edge_lo + edge_hi);
 
-    // Deterministic initialisations: hard two-class splits, first at Otsu's threshold (the global
-    // optimum of 1-D 2-means on the histogram, comparable to sklearn's k-means init), then at the
-    // quantiles j / (n_starts + 1) of the weight. The EM likelihood of a skewed or three-mode
-    // feature has several maxima and a single start can stop at a poor one (a small component cut
-    // off a tail), so EM runs from every start and the most likely result is kept.
+    // Deterministic initialisation: the hard two-class split at Otsu's threshold (the global optimum
+    // of 1-D 2-means on the histogram; sklearn's default init is a k-means solution as well).
     const double var_floor = width * width / 12.0;  // variance of a uniform distribution over one bin
-    auto split_at = [&](std::size_t n_low) {  // the mixture of the hard split [0, n_low) | [n_low, K)
-        Mixture m;
-        const std::size_t lo_k[2] = {0, n_low}, hi_k[2] = {n_low, K};
-        for (int g = 0; g < 2; ++g) {
-            double n = 0.0, sx = 0.0, sq = 0.0;
-            for (std::size_t k = lo_k[g]; k < hi_k[g]; ++k) {
-                n += s.c[k];
-                sx += s.c[k] * s.x[k];
-            }
-            const double mean = sx / n;
-            for (std::size_t k = lo_k[g]; k < hi_k[g]; ++k) sq += s.c[k] * (s.x[k] - mean) * (s.x[k] - mean);
-            m.pi[g] = n / N;
-            m.mu[g] = mean;
-            m.var[g] = std::max(sq / n, var_floor) + opt.reg_covar;
+    const std::size_t n_low = static_cast<std::size_t>(
+        std::partition_point(s.x.begin(), s.x.end(), [edge_lo](double x) { return x < edge_lo; }) - s.x.begin());
+    Mixture m;
+    const std::size_t lo_k[2] = {0, n_low}, hi_k[2] = {n_low, K};
+    for (int g = 0; g < 2; ++g) {
+        double n = 0.0, sx = 0.0, sq = 0.0;
+        for (std::size_t k = lo_k[g]; k < hi_k[g]; ++k) {
+            n += s.c[k];
+            sx += s.c[k] * s.x[k];
         }
-        return m;
-    };
-    std::vector<std::size_t> starts;
-    starts.push_back(static_cast<std::size_t>(
-        std::partition_point(s.x.begin(), s.x.end(), [edge_lo](double x) { return x < edge_lo; }) - s.x.begin()));
-    double cum = 0.0;
-    std::size_t k = 0;
-    for (int j = 1; j <= opt.n_starts; ++j) {
-        const double q = N * static_cast<double>(j) / static_cast<double>(opt.n_starts + 1);
-        while (k < K && cum + s.c[k] <= q) cum += s.c[k++];
-        const std::size_t n_low = std::clamp<std::size_t>(k, 1, K - 1);  // both sides occupied
-        if (std::find(starts.begin(), starts.end(), n_low) == starts.end()) starts.push_back(n_low);
+        const double mean = sx / n;
+        for (std::size_t k = lo_k[g]; k < hi_k[g]; ++k) sq += s.c[k] * (s.x[k] - mean) * (s.x[k] - mean);
+        m.pi[g] = n / N;
+        m.mu[g] = mean;
+        m.var[g] = std::max(sq / n, var_floor) + opt.reg_covar;
     }
-    // EM to convergence from every start; the most likely result wins (ties: the earlier start).
-    Mixture m{};
-    out.ll = kNaN;
-    for (const std::size_t n_low : starts) {
-        Mixture trial = split_at(n_low);
-        int it = 0;
-        bool conv = false;
-        const double ll = run_em(s, N, var_floor, opt, trial, it, conv);
-        if (std::isfinite(ll) && !(ll <= out.ll)) {  // first finite result, or a strictly better one
-            out.ll = ll;
-            out.n_iter = it;
-            out.converged = conv;
-            m = trial;
-        }
-    }
+
+    out.ll = run_em(s, N, var_floor, opt, m, out.n_iter, out.converged);
     if (!std::isfinite(out.ll)) {
         out.converged = false;
         return;
@@ -594,7 +566,6 @@ FitResult BimodalStats::fit(const FitOptions& opt) const {
         throw std::invalid_argument("reg_covar must be finite and >= 0");
     }
     if (opt.n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
-    if (opt.n_starts < 0) throw std::invalid_argument("n_starts must be >= 0");
 
     const std::int64_t F = n_features_;
     const auto Fs = static_cast<std::size_t>(F);

@@ -27,9 +27,6 @@ struct FitOptions {
     double tol = 1e-8;        // stop when the mean log-likelihood per sample changes by less
     double reg_covar = 1e-6;  // added to every variance, as in sklearn's GaussianMixture
     int n_threads = 1;        // worker threads over features (>= 1)
-    // Extra EM starts besides Otsu's split: hard splits at evenly spaced quantiles of the weight
-    // (0 = Otsu's split only). EM runs from every start; the most likely result is kept.
-    int n_starts = 5;
 };
 
 // Per-feature fit results. Arrays of shape (F, 2) are row-major with the two components sorted by

@@ -126,13 +126,12 @@ void merge(PyBimodalStats& self, PyBimodalStats& other) {
     }
 }
 
-py::dict fit(PyBimodalStats& self, int max_iter, double tol, double reg_covar, int n_threads, int n_starts) {
+py::dict fit(PyBimodalStats& self, int max_iter, double tol, double reg_covar, int n_threads) {
     bye::FitOptions opt;
     opt.max_iter = max_iter;
     opt.tol = tol;
     opt.reg_covar = reg_covar;
     opt.n_threads = n_threads;
-    opt.n_starts = n_starts;
     bye::FitResult r;
     {
         py::gil_scoped_release release;
@@ -192,7 +191,7 @@ PYBIND11_MODULE(_C, m) {
         .def("update", &update, py::arg("x"))
         .def("merge", &merge, py::arg("other"))
         .def("fit", &fit, py::arg("max_iter") = 200, py::arg("tol") = 1e-8, py::arg("reg_covar") = 1e-6,
-             py::arg("n_threads") = 1, py::arg("n_starts") = 5)
+             py::arg("n_threads") = 1)
         .def("to_bytes", &to_bytes)
         .def_static("from_bytes", &from_bytes, py::arg("blob"))
         .def("copy",

@@ -119,7 +119,8 @@ def test_fit_matches_sklearn_poorly_separated(case: str, seed: int) -> None:
     # Overlapping components are weakly identified: the likelihood has a long flat ridge, EM
     # crawls along it (sklearn needs thousands of iterations to meet tol=1e-10) and where a fit
     # stops depends on init and stopping rule, not on binning. So compare what IS identified --
-    # the fitted density and its likelihood on the raw samples -- and not the parameters.
+    # the fitted density and its likelihood on the raw samples -- tightly, and the parameters
+    # loosely (observed: means within 0.07 sd, weights within 0.04, CDFs within 0.002).
     ll = mixture_loglik(x, fit.weights[0], fit.means[0], fit.stds[0])
     assert ll > sll - 1e-4  # at least as likely as sklearn's fit, up to the binning error
     grid = np.linspace(x.min(), x.max(), 2001)
@@ -128,35 +129,10 @@ def test_fit_matches_sklearn_poorly_separated(case: str, seed: int) -> None:
         return sum(w_[i] * scipy_stats.norm.cdf(grid, m_[i], s_[i]) for i in range(2))
 
     assert np.abs(cdf(fit.weights[0], fit.means[0], fit.stds[0]) - cdf(sw, smu, ssd)).max() < 0.01
+    np.testing.assert_allclose(fit.means[0], smu, atol=0.25)
+    np.testing.assert_allclose(fit.stds[0], ssd, atol=0.25)
+    np.testing.assert_allclose(fit.weights[0], sw, atol=0.1)
     assert not fit.sensitive()[0]
-    if case == "90/10":  # the several starts find the true 90/10 split; one k-means start does not
-        np.testing.assert_allclose(fit.weights[0], [0.9, 0.1], atol=0.02)
-        np.testing.assert_allclose(fit.means[0], mu, atol=0.1)
-
-
-def test_several_starts_are_at_least_as_likely_as_any_one_of_them() -> None:
-    from sklearn.mixture import GaussianMixture
-
-    rng = np.random.default_rng(7)
-    cols = []
-    for _ in range(24):  # skewed and three-mode features: the EM likelihood has several maxima
-        k = int(rng.integers(2, 4))
-        comp = rng.choice(k, 3000, p=rng.dirichlet(np.ones(k)))
-        col = rng.normal(rng.normal(0, 2, k)[comp], rng.uniform(0.2, 1.2, k)[comp])
-        cols.append(np.exp(col / 3) if rng.random() < 0.3 else col)
-    x = np.stack(cols, axis=1)
-    st = make(x, lo=float(x.min()) - 0.01, hi=float(x.max()) + 0.01, bins=4096)
-    best = st.fit()
-    singles = [st.fit(n_starts=k) for k in (0, 1)]  # their starts (Otsu; Otsu + median) are among the 6
-    for f in range(x.shape[1]):
-        ll = mixture_loglik(x[:, f], best.weights[f], best.means[f], best.stds[f])
-        for one in singles:  # the fit's own (binned) likelihood, on which the best start is chosen
-            assert best.log_likelihood[f] >= one.log_likelihood[f]
-        # and as likely as scikit-learn's best of 10 k-means starts, up to the binning error
-        g = GaussianMixture(2, n_init=10, random_state=0, tol=1e-6, max_iter=2000).fit(x[:, f : f + 1])
-        assert ll > g.score(x[:, f : f + 1]) - 5e-3
-    with pytest.raises(ValueError, match="n_starts"):
-        st.fit(n_starts=-1)
 
 
 def test_fit_many_features_and_threads_deterministic() -> None:
