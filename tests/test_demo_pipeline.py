@@ -75,6 +75,9 @@ def test_feature_ceiling_finds_the_separating_feature_and_its_direction():
                 best = max(best, 2 * tp / (f.sum() + truth.sum()))
     assert abs(feature_ceiling(truth, x)["ceiling_f1"] - best) < 1e-12
     assert np.isnan(feature_ceiling(np.zeros(200, bool), x)["ceiling_f1"])  # no poison: no ceiling
+    # ties: no threshold separates equal values, whatever their order
+    const = np.zeros((200, 1))
+    assert feature_ceiling(np.sort(truth)[::-1].copy(), const)["ceiling_f1"] == 2 * 20 / (200 + 20)
 
 
 def test_linear_ceiling_sees_a_direction_no_single_feature_separates():

@@ -69,6 +69,15 @@ def detection_metrics(truth: np.ndarray, flagged: np.ndarray, score: np.ndarray)
     }
 
 
+def _best_f1(truth: np.ndarray, score: np.ndarray) -> float:
+    """The best F1 of "flag every sample with score >= c" over all thresholds c (high = poisoned)."""
+    order = np.argsort(-score, kind="stable")
+    s, tp = score[order], np.cumsum(truth[order])
+    k = np.arange(1, len(s) + 1)
+    cut = np.r_[s[1:] != s[:-1], True]  # a threshold flags all tied values or none of them
+    return float((2 * tp[cut] / (k[cut] + truth.sum())).max())
+
+
 def feature_ceiling(truth: np.ndarray, x: np.ndarray) -> dict[str, float | int | str]:
     """What the best single feature could reach if the ground truth chose it: a ceiling, not a detector.
 
@@ -96,9 +105,7 @@ def feature_ceiling(truth: np.ndarray, x: np.ndarray) -> dict[str, float | int |
             if auc > best_auc:
                 best_auc = auc
                 out.update(ceiling_auroc=auc, ceiling_feature=j, ceiling_direction=direction)
-            tp = np.cumsum(t[np.argsort(-v, kind="stable")])  # flag the k most extreme, k = 1..n
-            k = np.arange(1, len(t) + 1)
-            best_f1 = max(best_f1, float((2 * tp / (k + t.sum())).max()))
+            best_f1 = max(best_f1, _best_f1(t, v))
     out["ceiling_f1"] = best_f1
     return out
 
@@ -125,9 +132,7 @@ def linear_ceiling(truth: np.ndarray, x: np.ndarray, *, folds: int = 5, seed: in
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     p = cross_val_predict(clf, x, t, cv=cv, method="predict_proba")[:, 1]
-    tp = np.cumsum(t[np.argsort(-p, kind="stable")])
-    k = np.arange(1, len(t) + 1)
-    return float((2 * tp / (k + t.sum())).max())
+    return _best_f1(t, p)
 
 
 @dataclass
