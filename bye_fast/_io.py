@@ -20,7 +20,14 @@ __all__ = ["atomic_write", "default_file_mode", "write_json_atomic"]
 
 def default_file_mode() -> int:
     """The mode ``open(path, "w")`` would create a file with: ``0o666`` less the umask."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    try:  # Linux: read it without changing it (setting it, even briefly, races other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere reading the umask means setting it; put it back at once
     os.umask(mask)
     return 0o666 & ~mask
 
@@ -32,9 +39,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", suffix: str = ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):  # POSIX
-            os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, mode) as f:
+            if hasattr(os, "fchmod"):  # POSIX
+                with contextlib.suppress(OSError):  # a file system that refuses chmod keeps mkstemp's mode
+                    os.fchmod(f.fileno(), default_file_mode())
             yield f
             f.flush()
             os.fsync(f.fileno())

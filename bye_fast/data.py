@@ -718,8 +718,9 @@ def filter_dataset(
     Both files are written to fsync'ed temp files in their target directories,
     then renamed into place with ``os.replace``: the audit file first, ``dst``
     last. On any failure the temp files are deleted and, if the rename of
-    ``dst`` failed, the just-renamed audit file too, so ``dst`` never exists in
-    a partial state. The outputs get ``src``'s permission bits. The existence
+    ``dst`` failed, the just-renamed audit file is undone too (the previous
+    audit file, if ``overwrite`` replaced one, is put back), so ``dst`` never
+    exists in a partial state and never without its own audit file. The outputs get ``src``'s permission bits. The existence
     checks happen before writing; a file created concurrently by another
     process in between is overwritten.
     """
@@ -750,7 +751,6 @@ def filter_dataset(
 
     mode = os.stat(src).st_mode & 0o777
     tmps: list[str] = []
-    placed = False
     backup: str | None = None  # the audit file being overwritten, restored if dst cannot be placed
     try:
         for out, content in ((removed, audit), (dst, kept)):
@@ -763,16 +763,17 @@ def filter_dataset(
             except OSError:  # no hard links here
                 shutil.copy2(removed, backup)
         os.replace(tmps[0], removed)
-        placed = True
         os.replace(tmps[1], dst)
-        placed = False
     except BaseException:
+        # a renamed temp file no longer exists: that tells what was placed, even after an interrupt
+        audit_placed = len(tmps) == 2 and not os.path.exists(tmps[0])
+        dst_placed = len(tmps) == 2 and not os.path.exists(tmps[1])
         for tmp in tmps:
             _unlink(tmp)
-        if placed:  # the new audit file is in place but its dataset is not: put the old one back
+        if audit_placed and not dst_placed:  # the new audit file is in place, its dataset is not
             if backup is not None:
-                os.replace(backup, removed)
-                backup = None
+                previous, backup = backup, None
+                os.replace(previous, removed)  # if this fails, the old audit file stays at `previous`
             else:
                 _unlink(removed)
         raise

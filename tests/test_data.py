@@ -560,3 +560,47 @@ def test_outputs_get_the_umask_permissions_not_owner_only(tmp_path, dataset_dir)
         assert path.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+def test_filter_interrupted_after_placing_dst_keeps_the_new_pair(tmp_path, dataset_dir, monkeypatch):
+    src = dataset_dir / "data.json"
+    dst, removed = tmp_path / "clean.json", tmp_path / "clean.removed.json"
+    dst.write_text("old dataset\n", encoding="utf-8")
+    removed.write_text("old audit\n", encoding="utf-8")
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        real(a, b)
+        if len(calls) == 2:  # dst is in place, then the user presses Ctrl-C
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        filter_dataset(src, _detection(load_records(src)), dst, overwrite=True)
+    monkeypatch.undo()
+    kept, audit = json.loads(dst.read_text()), json.loads(removed.read_text())  # both new, a pair
+    assert len(kept) + len(audit) == len(load_records(src)) and audit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.json", "clean.removed.json"]
+
+
+def test_filter_failed_restore_never_loses_the_old_audit_file(tmp_path, dataset_dir, monkeypatch):
+    src = dataset_dir / "data.json"
+    dst, removed = tmp_path / "clean.json", tmp_path / "clean.removed.json"
+    dst.write_text("old dataset\n", encoding="utf-8")
+    removed.write_text("old audit\n", encoding="utf-8")
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        if len(calls) >= 2:  # placing dst fails, and so does putting the old audit file back
+            raise OSError("rename failed (simulated)")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        filter_dataset(src, _detection(load_records(src)), dst, overwrite=True)
+    monkeypatch.undo()
+    assert dst.read_text(encoding="utf-8") == "old dataset\n"
+    texts = [p.read_text(encoding="utf-8") for p in tmp_path.iterdir()]
+    assert "old audit\n" in texts  # left beside it under a temp name, not deleted
