@@ -52,13 +52,26 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def cell_fingerprint(trigger: str) -> str:
+    """A hash of what a prepared cell depends on: the trigger preset and the code of bye_fast."""
+    import hashlib
+
+    from bye_fast.demo.pipeline import DEMO_TRIGGERS
+
+    h = hashlib.sha256(json.dumps(DEMO_TRIGGERS[trigger], sort_keys=True).encode())
+    for path in sorted((HERE.parent / "bye_fast").rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def prepare_cell(trigger: str, rate: float, seed: int, work: str, cache: str) -> Path:
     """Poison, fine-tune (CA/ASR before) and score one cell; the results are kept in its folder.
 
     The folder holds ``train.json``, ``images/``, ``scores.npz``, ``truth.npy`` and
-    ``before.json``; a folder that already has them is reused as it is (fine-tuning is
+    ``before.json``; a folder that already has them is reused (fine-tuning is
     deterministic for a seed and a thread count), so detection options can be compared
-    on the same scores without training again.
+    on the same scores without training again -- unless the trigger preset or the code
+    that made it (``cell_fingerprint``) changed since, then the cell is made again.
     """
     import numpy as np
     import torch
@@ -73,8 +86,11 @@ def prepare_cell(trigger: str, rate: float, seed: int, work: str, cache: str) ->
 
     torch.set_num_threads(1)
     folder = Path(work) / f"{trigger}-{rate}-{seed}"
+    fingerprint = cell_fingerprint(trigger)
     if (folder / "before.json").exists():  # written last
-        return folder
+        if json.loads((folder / "before.json").read_text()).get("fingerprint") == fingerprint:
+            return folder
+        print(f"{folder.name}: made by other code or another preset; making it again", flush=True)
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     tasks = build_tasks(seed)
@@ -96,7 +112,7 @@ def prepare_cell(trigger: str, rate: float, seed: int, work: str, cache: str) ->
     np.save(folder / "truth.npy", np.asarray(poisoned.is_poisoned, dtype=bool))
     write_json_atomic(folder / "before.json", {
         "ca": before["ca"], "asr": before["asr"], "score_s": round(t_score, 2),
-        "prepare_s": round(time.perf_counter() - t0, 1),
+        "prepare_s": round(time.perf_counter() - t0, 1), "fingerprint": fingerprint,
     })  # fmt: skip
     return folder
 
@@ -255,7 +271,7 @@ def targets(rows: list[dict]) -> list[dict]:
             "ceiling F1 by seed (layer, head, linear)": " / ".join(
                 f"{r['ceil_layer_f1']:.2f}, {r['ceil_head_f1']:.2f}, {r['ceil_linear_f1']:.2f}" for r in rs),
             f"F1 >= {TARGET_F1}": "met" if min(f1) >= TARGET_F1 else "**missed**",
-            f"ASR after <= {TARGET_ASR_AFTER:.0%}": "met" if asr and max(asr) <= TARGET_ASR_AFTER else "**missed**",
+            f"ASR after <= {TARGET_ASR_AFTER:.0%}": ("met" if max(asr) <= TARGET_ASR_AFTER else "**missed**") if asr else "not measured",
         })  # fmt: skip
     clean = [r for r in rows if r["rate"] == 0.0]
     if clean:
