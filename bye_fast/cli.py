@@ -95,7 +95,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     import bye_fast
     from bye_fast.data import make_loader
-    from bye_fast.distributed import gather_scores, rank_and_world_size
+    from bye_fast.distributed import rank_and_world_size
 
     out = Path(args.out)
     if out.suffix != ".npz":
@@ -114,18 +114,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             args.data, args.images, processor, batch_size=args.batch_size, num_workers=args.num_workers
         )
         progress = not args.no_progress and rank == 0
-        if args.reference:
-            try:
-                scores = bye_fast.score_reference(model, loader, progress=progress)
-            except Exception as err:
-                if dist is None:
-                    raise
-                gather_scores(
-                    None, error=err
-                )  # tells the other ranks instead of leaving them waiting; raises
-                raise  # not reached
-            if dist is not None:
-                scores = gather_scores(scores)
+        if args.reference:  # both paths gather every rank's rows under torch.distributed
+            scores = bye_fast.score_reference(model, loader, progress=progress)
         else:
             scores = bye_fast.score(
                 model,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -416,10 +416,18 @@ def score(
         checkpoint_every=int(checkpoint_every),
         dist=dist,
     )
+    return _collect(lambda: _score_local(model, loader, **kwargs), dist, gather)
+
+
+def _collect(
+    score_local: Callable[[], tuple[Scores, bool]], dist: tuple[int, int] | None, gather: bool
+) -> Scores:
+    """``score_local()`` (this process's rows, and whether the loader gave ids); under
+    torch.distributed with ``gather``, every rank's rows, also when this rank fails."""
     if dist is None or not gather:
-        return _score_local(model, loader, **kwargs)[0]
+        return score_local()[0]
     try:
-        local, ids_given = _score_local(model, loader, **kwargs)
+        local, ids_given = score_local()
     except Exception as err:  # tell the other ranks instead of leaving them waiting in the gather
         return gather_scores(None, error=err)
     return gather_scores(local, ids_given=ids_given)
@@ -531,20 +539,38 @@ def score_reference(
     image_token_id: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    gather: bool = True,
 ) -> Scores:
     """The paper's path: eager text attention with ``output_attentions=True``.
 
     Materialises every layer's (B, heads, L, L) attention map, as the BYE
     reference code does, and takes the statistics from the last prompt token's
-    row. For validation and benchmarking; same inputs and outputs as :func:`score`.
+    row. For validation and benchmarking; same inputs and outputs as :func:`score`
+    (under torch.distributed, ``gather`` as there).
     """
+    dist = rank_and_world_size()
+    return _collect(
+        lambda: _reference_local(model, loader, image_token_id, device, progress, dist), dist, gather
+    )
+
+
+def _reference_local(
+    model: torch.nn.Module,
+    loader: Iterable,
+    image_token_id: int | None,
+    device: str | torch.device | None,
+    progress: bool,
+    dist: tuple[int, int] | None,
+) -> tuple[Scores, bool]:
     rows = _Rows()
+    ids_given = True
     with preserved_model_state(model), torch.inference_mode():
         model.set_attn_implementation("eager")  # as the paper's code: eager everywhere
         model.eval()
         for batch, ids in _iterate(
             loader, model, image_token_id, device, "bye_fast.score_reference", progress
         ):
+            ids_given &= batch.ids is not None
             out = model(**batch.inputs, output_attentions=True, use_cache=False, return_dict=True)
             attentions = getattr(out, "attentions", None)
             if not attentions:
@@ -555,4 +581,5 @@ def score_reference(
             rows.add(*_rows_of_stats(ent, he, mass, batch.image_mask), ids)
     meta = {"method": "bye_fast.score_reference", "model": type(model).__name__}
     tcfg = text_config(model)
-    return rows.scores(meta, n_layers=int(tcfg.num_hidden_layers), n_heads=int(tcfg.num_attention_heads))
+    n_layers, n_heads = int(tcfg.num_hidden_layers), int(tcfg.num_attention_heads)
+    return rows.scores(meta, n_layers=n_layers, n_heads=n_heads, allow_empty=dist is not None), ids_given

@@ -78,6 +78,8 @@ def main() -> None:
     report["duplicate"] = _error(lambda: bye_fast.score(model, everything, progress=False))
     bad = [{"attention_mask": torch.ones(1, 3)}] if rank == 1 else loader
     report["failure"] = _error(lambda: bye_fast.score(model, bad, progress=False))
+    report["reference_ids"] = bye_fast.score_reference(model, loader, progress=False).ids.tolist()
+    report["reference_failure"] = _error(lambda: bye_fast.score_reference(model, bad, progress=False))
     ckpt = out / "ckpt"
     first = bye_fast.score(model, loader, progress=False, checkpoint_dir=ckpt, checkpoint_every=1)
     second = bye_fast.score(model, loader, progress=False, checkpoint_dir=ckpt)

@@ -111,6 +111,10 @@ def test_two_ranks_match_one_process(tmp_path):
         in reports[0]["failure"]
     )
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["rank0of2", "rank1of2"]
+    # the reference path gathers the same way, and a failing rank stops the others too
+    assert reports[0]["reference_ids"] == reports[1]["reference_ids"] == [f"r{i}" for i in range(N)]
+    assert "ValueError: batch 0: has no 'input_ids'" in reports[1]["reference_failure"]
+    assert "RuntimeError: bye_fast: rank 1 failed" in reports[0]["reference_failure"]
 
 
 def test_merge_stats_without_process_group_is_a_copy():
