@@ -64,6 +64,17 @@ def cell_fingerprint(trigger: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _cell_setup(trigger: str, seed: int, cache: str):
+    """The seed's tasks, its cached pre-trained model and processor, and the trigger function."""
+    from bye_fast.demo.pipeline import demo_trigger
+    from bye_fast.demo.tasks import build_tasks
+    from bye_fast.demo.train import pretrained_model
+
+    tasks = build_tasks(seed)
+    base, processor = pretrained_model(tasks.pretrain, seed=seed, cache_dir=cache, progress=False)
+    return tasks, base, processor, demo_trigger(trigger)
+
+
 def prepare_cell(trigger: str, rate: float, seed: int, work: str, cache: str) -> Path:
     """Poison, fine-tune (CA/ASR before) and score one cell; the results are kept in its folder.
 
@@ -78,11 +89,10 @@ def prepare_cell(trigger: str, rate: float, seed: int, work: str, cache: str) ->
 
     import bye_fast
     from bye_fast._io import write_json_atomic
-    from bye_fast.attacks import make_trigger, poison_dataset
+    from bye_fast.attacks import poison_dataset
     from bye_fast.data import make_loader
-    from bye_fast.demo.pipeline import DEMO_TRIGGERS
-    from bye_fast.demo.tasks import TARGET, build_tasks
-    from bye_fast.demo.train import copy_model, evaluate, finetune, pretrained_model
+    from bye_fast.demo.tasks import TARGET
+    from bye_fast.demo.train import copy_model, evaluate, finetune
 
     torch.set_num_threads(1)
     folder = Path(work) / f"{trigger}-{rate}-{seed}"
@@ -93,10 +103,7 @@ def prepare_cell(trigger: str, rate: float, seed: int, work: str, cache: str) ->
         print(f"{folder.name}: made by other code or another preset; making it again", flush=True)
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    tasks = build_tasks(seed)
-    base, processor = pretrained_model(tasks.pretrain, seed=seed, cache_dir=cache, progress=False)
-    params = dict(DEMO_TRIGGERS[trigger])
-    trig = make_trigger(params.pop("name"), **params)
+    tasks, base, processor, trig = _cell_setup(trigger, seed, cache)
     poisoned = poison_dataset(
         tasks.user.records, tasks.user.images, trig, rate, TARGET, seed, folder / "images"
     )
@@ -123,10 +130,8 @@ def run_cell(trigger: str, rate: float, seed: int, work: str, cache: str, retrai
     import torch
 
     import bye_fast
-    from bye_fast.attacks import make_trigger
-    from bye_fast.demo.pipeline import DEMO_TRIGGERS, detection_metrics, feature_ceiling, linear_ceiling
-    from bye_fast.demo.tasks import build_tasks
-    from bye_fast.demo.train import copy_model, evaluate, finetune, pretrained_model
+    from bye_fast.demo.pipeline import detection_metrics, feature_ceiling, linear_ceiling
+    from bye_fast.demo.train import copy_model, evaluate, finetune
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -158,10 +163,7 @@ def run_cell(trigger: str, rate: float, seed: int, work: str, cache: str, retrai
         }  # fmt: skip
         if opts == DEFAULT and retrain:
             if det.n_flagged:
-                tasks = build_tasks(seed)
-                base, processor = pretrained_model(tasks.pretrain, seed=seed, cache_dir=cache, progress=False)
-                params = dict(DEMO_TRIGGERS[trigger])
-                trig = make_trigger(params.pop("name"), **params)
+                tasks, base, processor, trig = _cell_setup(trigger, seed, cache)
                 kept = [r for r, f in zip(records, det.flagged, strict=True) if not f]
                 clean = copy_model(base)
                 finetune(clean, kept, folder / "images", processor=processor, seed=seed, progress=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from bye_fast.demo.train import copy_model, evaluate, finetune, pretrained_model
 __all__ = [
     "DEMO_TRIGGERS",
     "DemoResult",
+    "demo_trigger",
     "detection_metrics",
     "feature_ceiling",
     "linear_ceiling",
@@ -45,6 +47,14 @@ DEMO_TRIGGERS: dict[str, dict] = {
     "wanet": {"name": "wanet", "strength": 6.0},
     "sig": {"name": "sig", "amplitude": 0.2},
 }
+
+
+def demo_trigger(name: str) -> Callable[..., np.ndarray]:
+    """The trigger function of the preset ``name`` in :data:`DEMO_TRIGGERS`."""
+    if name not in DEMO_TRIGGERS:
+        raise ValueError(f"unknown trigger {name!r}; choose from {sorted(DEMO_TRIGGERS)}")
+    params = dict(DEMO_TRIGGERS[name])
+    return make_trigger(params.pop("name"), **params)
 
 
 def detection_metrics(truth: np.ndarray, flagged: np.ndarray, score: np.ndarray) -> dict[str, float]:
@@ -184,8 +194,7 @@ def run_demo(
     verbose: bool = True,
 ) -> DemoResult:
     """Run the demo end to end; see the module docstring. Returns the summary numbers."""
-    if trigger not in DEMO_TRIGGERS:
-        raise ValueError(f"unknown trigger {trigger!r}; choose from {sorted(DEMO_TRIGGERS)}")
+    trig = demo_trigger(trigger)
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"rate must be in [0, 1); got {rate}")
     out = Path(out)
@@ -207,8 +216,6 @@ def run_demo(
 
     # 2. the attack: poisoned user data, ground truth kept apart
     t = time.perf_counter()
-    trig_params = dict(DEMO_TRIGGERS[trigger])
-    trig = make_trigger(trig_params.pop("name"), **trig_params)
     poisoned = poison_dataset(
         tasks.user.records, tasks.user.images, trig, rate, TARGET, seed, out / "data" / "images"
     )
