@@ -11,7 +11,7 @@ and removes <= 1% of clean data. Writes ``benchmarks/results/detection_alternati
 Candidates (all unsupervised; none sees the ground truth):
 - ``paper``: ``bye_fast.detect`` defaults (per-layer 2-GMM, separation > 1, lower component).
 - ``paper-minority``: the same, flagging the smaller final component.
-- ``logkl``: the paper's rule on log(log T - H), the log of the KL divergence of the
+- ``logkl``: ``bye_fast.detect`` on log(log T - H), the log of the KL divergence of the
   attention from uniform (undoes the pile-up of entropies just below log T), flagging the
   more-collapsed component; ``logkl-minority`` flags the smaller one.
 - ``spectral-layers`` / ``spectral-heads``: the top principal direction of the robustly
@@ -50,15 +50,6 @@ def _gmm2(v: np.ndarray):
 
 def _separation(means, stds) -> float:
     return float(abs(means[1] - means[0]) / (2 * (stds[0] + stds[1])))
-
-
-def paper_rule(x: np.ndarray, flag: str) -> np.ndarray:
-    """The paper's procedure on features x (higher = more suspicious)."""
-    sens = [j for j in range(x.shape[1]) if _separation(*_gmm2(x[:, j])[1:3]) > 1.0]
-    if not sens:
-        return np.zeros(len(x), bool)
-    w, _, _, lab = _gmm2(x[:, sens].mean(axis=1))
-    return lab == (1 if flag == "upper" else int(np.argmin(w)))
 
 
 def spectral(x: np.ndarray, entropy: np.ndarray) -> np.ndarray:
@@ -107,8 +98,11 @@ def candidates(scores) -> dict[str, np.ndarray]:
     return {
         "paper": bye_fast.detect(scores).flagged,
         "paper-minority": bye_fast.detect(scores, flag="minority").flagged,
-        "logkl": paper_rule(logkl, "upper"),
-        "logkl-minority": paper_rule(logkl, "minority"),
+        # the paper's procedure itself, on -log KL (so that its "lower" side is the more collapsed one)
+        "logkl": bye_fast.detect(bye_fast.Scores(entropy=-logkl, ids=scores.ids)).flagged,
+        "logkl-minority": bye_fast.detect(
+            bye_fast.Scores(entropy=-logkl, ids=scores.ids), flag="minority"
+        ).flagged,
         "spectral-layers": spectral(e, e),
         "spectral-heads": spectral(he, e),
     }
