@@ -488,6 +488,31 @@ def _failing_dump(real):
     return dump
 
 
+def _failing_replace(monkeypatch, fail_on, exc: BaseException, *, after_rename: bool = False) -> None:
+    """Patch ``os.replace`` to raise ``exc`` on the calls numbered in ``fail_on`` (1-based),
+    before renaming or, with ``after_rename``, right after it."""
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        failing = len(calls) in fail_on
+        if failing and not after_rename:
+            raise exc
+        real(a, b)
+        if failing:
+            raise exc
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _old_pair(folder):
+    """An earlier filter's output in ``folder``: clean.json and its audit file."""
+    dst, removed = folder / "clean.json", folder / "clean.removed.json"
+    dst.write_text("old dataset\n", encoding="utf-8")
+    removed.write_text("old audit\n", encoding="utf-8")
+    return dst, removed
+
+
 @pytest.mark.parametrize("fail", ["json.dump", "os.replace-1", "os.replace-2"])
 def test_filter_atomic(tmp_path, dataset_dir, monkeypatch, fail):
     src = dataset_dir / "data.json"
@@ -498,15 +523,7 @@ def test_filter_atomic(tmp_path, dataset_dir, monkeypatch, fail):
     if fail == "json.dump":
         monkeypatch.setattr(json, "dump", _failing_dump(json.dump))
     else:
-        real, calls = os.replace, []
-
-        def replace(a, b):
-            calls.append(b)
-            if len(calls) == int(fail[-1]):
-                raise OSError("rename failed (simulated)")
-            return real(a, b)
-
-        monkeypatch.setattr(os, "replace", replace)
+        _failing_replace(monkeypatch, {int(fail[-1])}, OSError("rename failed (simulated)"))
     with pytest.raises(OSError, match="simulated"):
         filter_dataset(src, det, out / "clean.json")
     monkeypatch.undo()
@@ -529,19 +546,8 @@ def test_filter_failing_overwrite_keeps_the_old_pair(tmp_path, dataset_dir, monk
     # dst and its audit file exist; the new audit file is placed, then placing dst fails:
     # the old audit file must come back, or the old dst would be left without one
     src = dataset_dir / "data.json"
-    dst = tmp_path / "clean.json"
-    dst.write_text("old dataset\n", encoding="utf-8")
-    removed = tmp_path / "clean.removed.json"
-    removed.write_text("old audit\n", encoding="utf-8")
-    real, calls = os.replace, []
-
-    def replace(a, b):
-        calls.append(b)
-        if len(calls) == 2:
-            raise OSError("rename failed (simulated)")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", replace)
+    dst, removed = _old_pair(tmp_path)
+    _failing_replace(monkeypatch, {2}, OSError("rename failed (simulated)"))
     with pytest.raises(OSError, match="simulated"):
         filter_dataset(src, _detection(load_records(src)), dst, overwrite=True)
     monkeypatch.undo()
@@ -564,18 +570,9 @@ def test_outputs_get_the_umask_permissions_not_owner_only(tmp_path, dataset_dir)
 
 def test_filter_interrupted_after_placing_dst_keeps_the_new_pair(tmp_path, dataset_dir, monkeypatch):
     src = dataset_dir / "data.json"
-    dst, removed = tmp_path / "clean.json", tmp_path / "clean.removed.json"
-    dst.write_text("old dataset\n", encoding="utf-8")
-    removed.write_text("old audit\n", encoding="utf-8")
-    real, calls = os.replace, []
-
-    def replace(a, b):
-        calls.append(b)
-        real(a, b)
-        if len(calls) == 2:  # dst is in place, then the user presses Ctrl-C
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", replace)
+    dst, removed = _old_pair(tmp_path)
+    # dst is in place, then the user presses Ctrl-C
+    _failing_replace(monkeypatch, {2}, KeyboardInterrupt(), after_rename=True)
     with pytest.raises(KeyboardInterrupt):
         filter_dataset(src, _detection(load_records(src)), dst, overwrite=True)
     monkeypatch.undo()
@@ -586,18 +583,9 @@ def test_filter_interrupted_after_placing_dst_keeps_the_new_pair(tmp_path, datas
 
 def test_filter_failed_restore_never_loses_the_old_audit_file(tmp_path, dataset_dir, monkeypatch):
     src = dataset_dir / "data.json"
-    dst, removed = tmp_path / "clean.json", tmp_path / "clean.removed.json"
-    dst.write_text("old dataset\n", encoding="utf-8")
-    removed.write_text("old audit\n", encoding="utf-8")
-    real, calls = os.replace, []
-
-    def replace(a, b):
-        calls.append(b)
-        if len(calls) >= 2:  # placing dst fails, and so does putting the old audit file back
-            raise OSError("rename failed (simulated)")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", replace)
+    dst, removed = _old_pair(tmp_path)
+    # placing dst fails, and so does putting the old audit file back
+    _failing_replace(monkeypatch, {2, 3}, OSError("rename failed (simulated)"))
     with pytest.raises(OSError, match="simulated"):
         filter_dataset(src, _detection(load_records(src)), dst, overwrite=True)
     monkeypatch.undo()
