@@ -144,30 +144,34 @@ def qwen2_vl(padding_side: str = "left", seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for grids, prefixes in (([[1, 4, 4], [1, 4, 6], [1, 6, 6]], [3, 7, 1]), ([[1, 8, 4], [1, 2, 2]], [2, 9])):
-        grid = torch.tensor(grids)
         rows = []
         for (t, h, w), pre in zip(grids, prefixes, strict=True):
             n = t * h * w // 4
             text = torch.randint(3, 50, (pre,), generator=gen).tolist()
             rows.append(text + [QWEN_START] + [QWEN_IMAGE] * n + [QWEN_END] + [20, 21, 22])
-        L = max(map(len, rows))
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
-            ids[i, sl] = torch.tensor(r)
-            mask[i, sl] = 1
-        pix = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen)
-        batches.append(
-            {
-                "input_ids": ids,
-                "attention_mask": mask,
-                "pixel_values": pix,
-                "image_grid_thw": grid,
-                "mm_token_type_ids": (ids == QWEN_IMAGE).long(),
-            }
-        )
+        batches.append(qwen_batch(rows, grids, padding_side, gen))
     return model, batches
+
+
+def qwen_batch(
+    rows: list[list[int]], grids: list[list[int]], padding_side: str, gen: torch.Generator
+) -> dict:
+    """Token rows padded on ``padding_side``, with random pixel patches for the image ``grids`` (t, h, w)."""
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+    grid = torch.tensor(grids)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen),
+        "image_grid_thw": grid,
+        "mm_token_type_ids": (ids == QWEN_IMAGE).long(),
+    }
 
 
 FAMILIES = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl}

@@ -20,7 +20,7 @@ import bye_fast
 from bye_fast.batching import halve, row_groups, split_batch, take_rows
 from bye_fast.tiny import build_llava, build_processor
 
-from ._models import FAMILIES, QWEN_END, QWEN_IMAGE, QWEN_START, llava, qwen2_vl, sharpen
+from ._models import FAMILIES, QWEN_END, QWEN_IMAGE, QWEN_START, llava, qwen2_vl, qwen_batch, sharpen
 
 FIELDS = ("entropy", "head_entropy", "image_mass")
 ATOL = 3e-5
@@ -85,23 +85,7 @@ def _qwen_two_images_per_row(padding_side="left"):
             row += [QWEN_START] + [QWEN_IMAGE] * (t * h * w // 4) + [QWEN_END] + [30, 31]
             grids.append([t, h, w])
         rows.append(row + [20, 21, 22])
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
-    grid = torch.tensor(grids)
-    pix = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "pixel_values": pix,
-        "image_grid_thw": grid,
-        "mm_token_type_ids": (ids == QWEN_IMAGE).long(),
-    }
-    return model, batch
+    return model, qwen_batch(rows, grids, padding_side, gen)
 
 
 def test_qwen_rows_with_several_or_no_images():
