@@ -103,6 +103,14 @@ def main(argv: list[str] | None = None) -> None:
         "| preset | trigger | rate | epochs | CA | ASR | per-epoch ASR | finetune s | clean refit CA/ASR/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    ft_options = dict(  # the same fine-tuning for the poisoned run and the clean refit
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        schedule=args.schedule,
+        seed=args.seed,
+        progress=False,
+    )
     for name in args.presets:
         trig_name, params = PRESETS[name]
         trigger = make_trigger(trig_name, **params)
@@ -129,18 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 t_eval += time.perf_counter() - t
 
             t1 = time.perf_counter()
-            finetune(
-                model,
-                res.records,
-                res.image_folder,
-                epochs=args.epochs,
-                lr=args.lr,
-                batch_size=args.batch_size,
-                schedule=args.schedule,
-                seed=args.seed,
-                progress=False,
-                on_epoch=on_epoch,
-            )
+            finetune(model, res.records, res.image_folder, on_epoch=on_epoch, **ft_options)
             t_ft = time.perf_counter() - t1 - t_eval
             row = {
                 "preset": name,
@@ -162,17 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 clean = [r for r, p in zip(res.records, res.is_poisoned, strict=True) if not p]
                 model2 = copy_model(base)
                 t2 = time.perf_counter()
-                finetune(
-                    model2,
-                    clean,
-                    res.image_folder,
-                    epochs=args.epochs,
-                    lr=args.lr,
-                    batch_size=args.batch_size,
-                    schedule=args.schedule,
-                    seed=args.seed,
-                    progress=False,
-                )
+                finetune(model2, clean, res.image_folder, **ft_options)
                 t_re = time.perf_counter() - t2
                 ev = evaluate(model2, tasks.test, trigger=trigger)
                 row.update(refit_ca=ev["ca"], refit_asr=ev["asr"], refit_s=t_re)
