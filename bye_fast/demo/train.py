@@ -285,25 +285,10 @@ def pretrain(
 
     Returns the mean training loss of each epoch.
     """
-    processor = processor or build_processor()
-    enc = encode(
-        processor,
-        split.images,
-        [record_question(r) for r in split.records],
-        [record_answer(r) for r in split.records],
-    )
-    with _frozen(model.model.vision_tower if freeze_vision else None):
-        return fit(
-            model,
-            enc,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            desc="pretrain",
-            **fit_kwargs,
-        )
+    return _train(
+        model, processor, split.images, split.records, freeze_vision=freeze_vision, desc="pretrain",
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, **fit_kwargs,
+    )  # fmt: skip
 
 
 def finetune(
@@ -332,25 +317,30 @@ def finetune(
     backdoor at 10% poison (see ``benchmarks/results/demo_training.md``):
     with a constant rate the attack success oscillated between epochs.
     """
+    return _train(
+        model, processor, load_images(records, image_folder), records, freeze_vision=freeze_vision,
+        desc="finetune", epochs=epochs, lr=lr, batch_size=batch_size, schedule=schedule, seed=seed,
+        progress=progress, **fit_kwargs,
+    )  # fmt: skip
+
+
+def _train(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor | None,
+    images: Sequence[np.ndarray],
+    records: Sequence[dict],
+    *,
+    freeze_vision: bool,
+    **fit_kwargs,
+) -> list[float]:
+    """Encode (image, question, answer) of ``records`` and :func:`fit` on them, the vision tower
+    frozen (and restored afterwards) when ``freeze_vision``."""
     processor = processor or build_processor()
-    images = load_images(records, image_folder)
     enc = encode(
         processor, images, [record_question(r) for r in records], [record_answer(r) for r in records]
     )
-    vision = model.model.vision_tower if freeze_vision else None
-    with _frozen(vision):
-        return fit(
-            model,
-            enc,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            schedule=schedule,
-            seed=seed,
-            progress=progress,
-            desc="finetune",
-            **fit_kwargs,
-        )
+    with _frozen(model.model.vision_tower if freeze_vision else None):
+        return fit(model, enc, **fit_kwargs)
 
 
 # ---------------------------------------------------------------------------
