@@ -224,17 +224,12 @@ def run_demo(
     _write_json(out / "ground_truth.json", {"poisoned_ids": sorted(poisoned.poisoned_ids, key=str)})
 
     # 3. the backdoored model
-    fkw = {} if finetune_epochs is None else {"epochs": finetune_epochs}
+    # the same fine-tuning for the backdoored model and the retrained one (step 5)
+    ft_options = dict(processor=processor, seed=seed, progress=progress)
+    if finetune_epochs is not None:
+        ft_options["epochs"] = finetune_epochs
     model = copy_model(base)
-    finetune(
-        model,
-        poisoned.records,
-        out / "data" / "images",
-        processor=processor,
-        seed=seed,
-        progress=progress,
-        **fkw,
-    )
+    finetune(model, poisoned.records, out / "data" / "images", **ft_options)
     before = evaluate(model, tasks.test, processor=processor, trigger=trig)
     timings["poison+finetune"] = time.perf_counter() - t
     log(f"[demo] fine-tuned on {len(poisoned.records)} samples ({poisoned.n_poisoned} poisoned): "
@@ -264,15 +259,7 @@ def run_demo(
         after = {"ca": float("nan"), "asr": float("nan")}
     else:
         clean_model = copy_model(base)
-        finetune(
-            clean_model,
-            kept,
-            out / "data" / "images",
-            processor=processor,
-            seed=seed,
-            progress=progress,
-            **fkw,
-        )
+        finetune(clean_model, kept, out / "data" / "images", **ft_options)
         after = evaluate(clean_model, tasks.test, processor=processor, trigger=trig)
     timings["retrain"] = time.perf_counter() - t
 
