@@ -446,7 +446,8 @@ def write_results(rows: list[dict], args) -> None:
     md = [
         f"# bench_score ({args.preset}, {args.dtype}, {args.device})",
         "",
-        f"Machine: {describe()}",
+        f"Machine: {describe()}"
+        + (f" (this launcher); every cell ran with {args.threads} torch thread(s)" if args.threads else ""),
         "",
         f"Command: `python benchmarks/bench_score.py --preset {args.preset} --device {args.device} "
         f"--dtype {args.dtype} --batches {' '.join(map(str, args.batches))} --repeats {args.repeats}"
@@ -457,6 +458,7 @@ def write_results(rows: list[dict], args) -> None:
         )
         + (" --grouped" if args.grouped else "")
         + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --tag {args.tag}" if args.tag else "")
         + "`",
         "",
         "Each cell is a fresh process; peak memory is the peak during the timed batches "
