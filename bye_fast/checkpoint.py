@@ -310,20 +310,12 @@ class ScoreCheckpoint:
         """The rows of the stored shard completed by the last :meth:`begin_batch`, if any."""
         return self._ready.pop(0) if self._ready else None
 
-    def add(
-        self,
-        index: int,
-        entropy: np.ndarray,
-        head_entropy: np.ndarray,
-        image_mass: np.ndarray,
-        n_image_tokens: np.ndarray,
-        ids: list,
-    ) -> None:
-        """The rows of newly scored batch ``index``; writes a shard every ``every`` batches."""
+    def add(self, index: int, arrays: dict[str, np.ndarray], ids: list) -> None:
+        """The rows (by Scores field) of newly scored batch ``index``; writes a shard every ``every`` batches."""
         p = self._pending
         if self._first_pending is None:
             self._first_pending = index
-        p.add(entropy, head_entropy, image_mass, n_image_tokens, ids)
+        p.add(arrays, ids)
         p.n_batches += 1
         if p.n_batches >= self.every:
             self._flush()

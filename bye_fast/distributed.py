@@ -60,10 +60,7 @@ def _payload(scores: Scores | None, ids_given: bool, error: BaseException | None
     return {
         "error": None,
         "ids_given": bool(ids_given) and scores.n_samples > 0,
-        "entropy": scores.entropy,
-        "head_entropy": scores.head_entropy,
-        "image_mass": scores.image_mass,
-        "n_image_tokens": scores.n_image_tokens,
+        "arrays": scores.arrays(),
         "ids": scores.ids,
         "meta": scores.meta,
     }
@@ -133,19 +130,13 @@ def gather_scores(
                     )
                 owner[i] = r
 
-    def cat(name: str) -> np.ndarray | None:
-        arrays = [p[name] for _, p in nonempty]
-        return None if any(a is None for a in arrays) else np.concatenate(arrays, axis=0)
-
-    ids = cat("ids") if given else np.arange(sum(len(p["ids"]) for _, p in nonempty), dtype=np.int64)
-    return Scores(
-        entropy=cat("entropy"),
-        head_entropy=cat("head_entropy"),
-        image_mass=cat("image_mass"),
-        ids=ids,
-        n_image_tokens=cat("n_image_tokens"),
-        meta=nonempty[0][1]["meta"],
-    )
+    names = [n for n in nonempty[0][1]["arrays"] if all(n in p["arrays"] for _, p in nonempty)]
+    arrays = {n: np.concatenate([p["arrays"][n] for _, p in nonempty], axis=0) for n in names}
+    if given:
+        ids = np.concatenate([p["ids"] for _, p in nonempty])
+    else:
+        ids = np.arange(sum(len(p["ids"]) for _, p in nonempty), dtype=np.int64)
+    return Scores(**arrays, ids=ids, meta=nonempty[0][1]["meta"])
 
 
 def merge_stats_across_ranks(stats: S, *, group: Any = None) -> S:

@@ -35,13 +35,15 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from bye_fast.kernels.attn_entropy import attn_image_stats, head_mean_entropy
+from bye_fast.kernels.attn_entropy import attn_image_stats, head_mean_entropy, topk_share
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "BatchCollector",
     "attention_stats_hook",
     "collecting",
+    "decoder_layers",
+    "last_layer_mlp_on_query_rows",
     "preserved_model_state",
     "register",
     "set_text_attn_implementation",
@@ -74,6 +76,7 @@ class BatchCollector:
     n_layers : number of decoder layers.
     stop_after_last_layer : raise :class:`_StopForward` once layer ``n_layers-1`` is done.
     backend : kernel backend ("auto", "triton", "torch").
+    topk : k of ``image_topk_share``.
     """
 
     qpos: torch.Tensor
@@ -82,8 +85,10 @@ class BatchCollector:
     n_layers: int
     stop_after_last_layer: bool = False
     backend: str = "auto"
+    topk: int = 4
     head_entropy: dict[int, torch.Tensor] = field(default_factory=dict)
     image_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    before_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     image_attn: dict[int, torch.Tensor] = field(default_factory=dict)
     _row_masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -122,10 +127,12 @@ class BatchCollector:
         )
         self.head_entropy[layer_idx] = stats.head_entropy
         self.image_mass[layer_idx] = stats.image_mass
+        self.before_mass[layer_idx] = stats.before_mass
         self.image_attn[layer_idx] = stats.image_attn
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stack layers: entropy (B, L), head_entropy (B, L, H), image_mass (B, L), float32 on CPU.
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The layers stacked, float32 on CPU: ``entropy``, ``image_mass``, ``image_topk_share`` (B, L);
+        ``head_entropy``, ``head_image_share``, ``head_before_share`` (B, L, H).
 
         Layers that never reported (a non-attention layer, say) are NaN.
         """
@@ -139,15 +146,25 @@ class BatchCollector:
         B, H = ref.shape
         layers = range(self.n_layers)
         nan_bh = torch.full((B, H), float("nan"), device=ref.device)
-        he = torch.stack([self.head_entropy.get(i, nan_bh) for i in layers], dim=1)
-        nan_b = torch.full((B,), float("nan"), device=ref.device)
-        mass = torch.stack([self.image_mass.get(i, nan_bh).mean(-1) for i in layers], dim=1)
+
+        def per_head(d: dict[int, torch.Tensor]) -> torch.Tensor:
+            return torch.stack([d.get(i, nan_bh) for i in layers], dim=1)
+
+        share = per_head(self.image_mass)
+        out = {
+            "entropy": torch.full((B, self.n_layers), float("nan"), device=ref.device),
+            "head_entropy": per_head(self.head_entropy),
+            "image_mass": share.mean(-1),
+            "head_image_share": share,
+            "head_before_share": per_head(self.before_mass),
+            "image_topk_share": torch.full((B, self.n_layers), float("nan"), device=ref.device),
+        }
         present = [i for i in layers if i in self.image_attn]
-        ent = torch.stack([nan_b] * self.n_layers, dim=1)
         if present:
             stacked = torch.stack([self.image_attn[i] for i in present], dim=1)  # (B, Lp, N)
-            ent[:, present] = head_mean_entropy(stacked)
-        return ent.float().cpu(), he.float().cpu(), mass.float().cpu()
+            out["entropy"][:, present] = head_mean_entropy(stacked)
+            out["image_topk_share"][:, present] = topk_share(stacked, self.topk)
+        return {k: v.float().cpu() for k, v in out.items()}
 
 
 def _bye_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -249,6 +266,63 @@ def collecting(collector: BatchCollector) -> Iterator[BatchCollector]:
         pass
     finally:
         _ACTIVE.reset(token)
+
+
+def decoder_layers(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList | None:
+    """The text decoder's list of layers: the ``ModuleList`` whose last layer's ``self_attn.layer_idx``
+    is ``n_layers - 1`` (vision layers have no ``layer_idx``), or None."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and n_layers:
+            attn = getattr(module[-1], "self_attn", None)
+            if getattr(attn, "layer_idx", None) == n_layers - 1:
+                return module
+    return None
+
+
+def _mlp_rows_pre_hook(module, args):
+    collector = _ACTIVE.get()
+    if collector is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+        return None
+    x = args[0]
+    collector._mlp_shape = tuple(x.shape)
+    rows = torch.arange(x.shape[0], device=x.device)
+    return (x[rows, collector.qpos.to(x.device)][:, None, :], *args[1:])
+
+
+def _mlp_rows_hook(module, args, output):
+    collector = _ACTIVE.get()
+    shape = None if collector is None else collector.__dict__.pop("_mlp_shape", None)
+    if shape is None or not isinstance(output, torch.Tensor):
+        return None
+    full = output.new_zeros(shape[:2] + output.shape[2:])
+    rows = torch.arange(shape[0], device=output.device)
+    full[rows, collector.qpos.to(output.device)] = output[:, 0]
+    return full
+
+
+@contextlib.contextmanager
+def last_layer_mlp_on_query_rows(model: torch.nn.Module, n_layers: int) -> Iterator[bool]:
+    """Run the last decoder layer's MLP on each sample's query row only, while a collector is active.
+
+    The MLP is token-wise, and after the last layer only the query row's hidden
+    state is read (for the answer signals), so the other rows of its output are
+    left 0. Applies to decoder layers with an ``mlp`` (or ``feed_forward``)
+    module whose forward takes the hidden states as its first argument and
+    returns a tensor; otherwise the MLP runs on every row (same results, more
+    work). Yields whether the hooks are in place; they are removed on exit.
+    """
+    layers = decoder_layers(model, n_layers)
+    last = layers[-1] if layers is not None else None
+    mlp = getattr(last, "mlp", None) or getattr(last, "feed_forward", None)
+    if not isinstance(mlp, torch.nn.Module):
+        yield False
+        return
+    handles = [mlp.register_forward_pre_hook(_mlp_rows_pre_hook), mlp.register_forward_hook(_mlp_rows_hook)]
+    try:
+        yield True
+    finally:
+        for h in handles:
+            h.remove()
 
 
 #: Models whose projector reads ``hidden_states[config.vision_feature_layer]`` of a CLIP/SigLIP-style

@@ -33,12 +33,13 @@ from bye_fast.hook import (
     BatchCollector,
     attention_stats_hook,
     collecting,
+    last_layer_mlp_on_query_rows,
     preserved_model_state,
     text_config,
     unused_vision_layers_skipped,
 )
 from bye_fast.kernels.attn_entropy import PAPER_EPS
-from bye_fast.scores import RowBuffer, Scores
+from bye_fast.scores import FIELDS, RowBuffer, Scores
 
 __all__ = ["score", "score_reference"]
 
@@ -158,18 +159,14 @@ def _check_device(
 class _Rows(RowBuffer):
     """Scored rows as numpy arrays, in order."""
 
-    def scores(self, meta: dict, *, n_layers: int, n_heads: int, allow_empty: bool = False) -> Scores:
-        if not self.entropy:
-            if not allow_empty:
+    def scores(self, meta: dict, *, empty: dict[str, tuple[int, ...]] | None = None) -> Scores:
+        """The rows as Scores; with no row at all, an empty Scores with the shapes ``empty``
+        (field -> per-sample shape) if given, else an error."""
+        if not self.ids:
+            if empty is None:
                 raise ValueError("the loader yielded no batch: nothing to score")
-            return Scores(
-                entropy=np.zeros((0, n_layers), np.float32),
-                head_entropy=np.zeros((0, n_layers, n_heads), np.float32),
-                image_mass=np.zeros((0, n_layers), np.float32),
-                ids=np.zeros(0, np.int64),
-                n_image_tokens=np.zeros(0, np.int64),
-                meta=meta,
-            )
+            arrays = {name: np.zeros((0, *shape), _DTYPES[name]) for name, shape in empty.items()}
+            return Scores(**arrays, ids=np.zeros(0, np.int64), meta=meta)
         scores = self.to_scores(meta)
         missing = scores.no_image_ids
         if missing:
@@ -182,20 +179,52 @@ class _Rows(RowBuffer):
         return scores
 
 
-#: entropy (B, L), head_entropy (B, L, H), image_mass (B, L), n_image_tokens (B,) of scored rows.
-_RowArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_DTYPES = {f.name: f.dtype for f in FIELDS}
+#: Fields measured on the image tokens: NaN for a row without any.
+_IMAGE_FIELDS = ("entropy", "head_entropy", "image_mass", "head_image_share", "head_before_share",
+                 "image_topk_share")  # fmt: skip
 
 
-def _rows_of_stats(
-    ent: torch.Tensor, he: torch.Tensor, mass: torch.Tensor, image_mask: torch.Tensor
-) -> _RowArrays:
+def _rows_of_stats(stats: dict[str, torch.Tensor], image_mask: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-batch tensors as numpy rows, with n_image_tokens; NaN image statistics for rows without image."""
     n_img = image_mask.sum(dim=1).cpu()
-    none = n_img == 0
+    none = (n_img == 0).numpy()
+    out = {name: value.numpy() for name, value in stats.items()}
     if none.any():  # make "no image" explicit whatever the kernel produced
-        ent[none] = float("nan")
-        he[none] = float("nan")
-        mass[none] = float("nan")
-    return ent.numpy(), he.numpy(), mass.numpy(), n_img.numpy().astype(np.int64)
+        for name in _IMAGE_FIELDS:
+            if name in out:
+                out[name][none] = np.nan
+    out["n_image_tokens"] = n_img.numpy().astype(np.int64)
+    return out
+
+
+def _empty_shapes(model: torch.nn.Module, *, answers: bool, hidden: bool) -> dict[str, tuple[int, ...]]:
+    tcfg = text_config(model)
+    L, H = int(tcfg.num_hidden_layers), int(tcfg.num_attention_heads)
+    shapes = {"entropy": (L,), "head_entropy": (L, H), "image_mass": (L,), "head_image_share": (L, H),
+              "head_before_share": (L, H), "image_topk_share": (L,), "n_image_tokens": ()}  # fmt: skip
+    if answers:
+        shapes.update(answer_token=(), answer_confidence=())
+    if hidden:
+        shapes["hidden"] = (int(tcfg.hidden_size),)
+    return shapes
+
+
+def _answer_signals(
+    model: torch.nn.Module, last_hidden: torch.Tensor, qpos: torch.Tensor, hidden: bool
+) -> dict[str, torch.Tensor]:
+    """The greedy first answer token and its probability from the query rows' final hidden states."""
+    rows = torch.arange(last_hidden.shape[0], device=last_hidden.device)
+    h = last_hidden[rows, qpos.to(last_hidden.device)]  # (B, D)
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    conf, token = torch.softmax(logits, dim=-1).max(dim=-1)
+    out = {"answer_token": token.cpu(), "answer_confidence": conf.cpu()}
+    if hidden:
+        out["hidden"] = h.float().cpu()
+    return out
 
 
 def _iterate(loader, model, image_token_id, device, desc, progress):
@@ -214,10 +243,25 @@ def _iterate(loader, model, image_token_id, device, desc, progress):
         bar.close()
 
 
+#: One batch's scored rows, by Scores field name.
+_RowArrays = dict[str, np.ndarray]
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (adapters stay injected), or the model itself."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def _decoder_inputs_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model without its LM head (``model.model`` for *ForConditionalGeneration)."""
     inner = getattr(model, "model", None)
     return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def _has_lm_head(model: torch.nn.Module) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and isinstance(get(), torch.nn.Module) and _decoder_inputs_model(model) is not model
 
 
 # --------------------------------------------------------------------------- fused path
@@ -235,9 +279,16 @@ class _FusedScorer:
         max_tokens: int | None,
         bar: Any,
         progress: bool,
+        answers: bool,
+        hidden: bool,
+        topk: int,
     ) -> None:
+        self.model = model
         self.inner = _decoder_inputs_model(model)
         self.n_layers = int(text_config(model).num_hidden_layers)
+        self.answers = answers
+        self.hidden = hidden
+        self.topk = topk
         self.image_token_id = image_token_id
         self.device = device
         self.dtype = dtype
@@ -267,8 +318,7 @@ class _FusedScorer:
         parts = [r for piece in pieces for r in self._with_retry(piece, index)]
         if len(parts) == 1:
             return parts[0]
-        ent, he, mass, n_img = (np.concatenate([p[k] for p in parts]) for k in range(4))
-        return ent, he, mass, n_img
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _with_retry(self, piece: dict[str, Any], index: int) -> list[_RowArrays]:
         try:
@@ -305,13 +355,16 @@ class _FusedScorer:
             image_mask=batch.image_mask,
             key_valid=batch.key_valid,
             n_layers=self.n_layers,
-            stop_after_last_layer=True,
+            stop_after_last_layer=not self.answers,
             backend=self.backend,
+            topk=self.topk,
         )
         with collecting(collector):
-            self.inner(**batch.inputs, use_cache=False)
-        ent, he, mass = collector.finish()
-        return _rows_of_stats(ent, he, mass, batch.image_mask)
+            out = self.inner(**batch.inputs, use_cache=False)
+        stats = collector.finish()
+        if self.answers:
+            stats.update(_answer_signals(self.model, out.last_hidden_state, batch.qpos, self.hidden))
+        return _rows_of_stats(stats, batch.image_mask)
 
 
 def score(
@@ -326,15 +379,21 @@ def score(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     gather: bool = True,
+    hidden_states: bool = False,
+    topk: int = 4,
 ) -> Scores:
-    """Score every sample: attention entropy of the last prompt token over the image tokens.
+    """Score every sample: what the last prompt token attends to, and what it would answer.
 
     One prefill pass per batch through the model's vision tower and text
     decoder, with the text attention routed through SDPA plus a fused
-    statistics kernel; the attention maps are never materialised, the LM head
-    and the KV cache are skipped, the forward stops after the last decoder
-    layer's attention, and (LLaVA, LLaVA-NeXT) the vision layers after the one
-    the projector reads are skipped.
+    statistics kernel; the attention maps are never materialised and the KV
+    cache is skipped. The last decoder layer's MLP and the LM head run on the
+    last prompt token only (for the answer signals), and (LLaVA, LLaVA-NeXT) the
+    vision layers after the one the projector reads are skipped. Per sample and
+    layer (and head): the paper's entropy, per-head entropies, the shares of the
+    attention on the image, on the text before it and after it, the spatial
+    concentration of the image attention; per sample: the greedy first answer
+    token and its probability (see :data:`bye_fast.scores.FIELDS`).
 
     Parameters
     ----------
@@ -394,13 +453,20 @@ def score(
         dataset. False: every rank returns only its own rows (ids without
         ``"ids"``: ``0..n_r-1`` per rank), e.g. to save one file per rank and
         :meth:`Scores.concatenate` them later.
+    hidden_states : bool
+        Also keep the last prompt token's final hidden state (``Scores.hidden``,
+        n x hidden_size floats), e.g. for spectral-signature baselines.
+    topk : int
+        k of ``Scores.image_topk_share`` (default 4: about the tokens one small patch covers).
 
     Returns
     -------
     Scores
-        ``entropy`` (n, layers), ``head_entropy`` (n, layers, heads),
-        ``image_mass`` (n, layers), ``ids``, ``n_image_tokens``.
+        Every field of :data:`bye_fast.scores.FIELDS` (``hidden`` only when asked;
+        ``answer_*`` only for models with an LM head), ``ids``.
     """
+    if int(topk) < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
     if max_tokens_per_batch is not None and int(max_tokens_per_batch) < 1:
         raise ValueError(f"max_tokens_per_batch must be >= 1 or None, got {max_tokens_per_batch}")
     if int(checkpoint_every) < 1:
@@ -415,8 +481,10 @@ def score(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=int(checkpoint_every),
         dist=dist,
+        hidden=bool(hidden_states),
+        topk=int(topk),
     )
-    return _collect(lambda: _score_local(model, loader, **kwargs), dist, gather)
+    return _collect(lambda: _score_local(_unwrapped(model), loader, **kwargs), dist, gather)
 
 
 def _collect(
@@ -445,14 +513,18 @@ def _score_local(
     checkpoint_dir: str | os.PathLike | None,
     checkpoint_every: int,
     dist: tuple[int, int] | None,
+    hidden: bool,
+    topk: int,
 ) -> tuple[Scores, bool]:
     """This process's rows, and whether every batch carried ids."""
     image_token_id = resolve_image_token_id(model, image_token_id)
     device, dtype = _check_device(model, device)
-    tcfg = text_config(model)
-    n_layers, n_heads = int(tcfg.num_hidden_layers), int(tcfg.num_attention_heads)
+    answers = _has_lm_head(model)
+    if hidden and not answers:
+        raise ValueError(f"hidden_states=True needs a model with an LM head; {type(model).__name__} has none")
+    n_layers = int(text_config(model).num_hidden_layers)
     desc = "bye_fast.score" if dist is None else f"bye_fast.score [rank {dist[0]}/{dist[1]}]"
-    meta = {"method": "bye_fast.score", "model": type(model).__name__, "backend": backend}
+    meta = {"method": "bye_fast.score", "model": type(model).__name__, "backend": backend, "topk": topk}
     ckpt = None
     if checkpoint_dir is not None:
         folder = Path(checkpoint_dir) if dist is None else Path(checkpoint_dir) / f"rank{dist[0]}of{dist[1]}"
@@ -461,6 +533,8 @@ def _score_local(
             "image_token_id": image_token_id,
             "backend": backend,
             "dtype": str(dtype).removeprefix("torch."),
+            "topk": topk,
+            "hidden_states": hidden,
         }
         ckpt = ScoreCheckpoint.open(folder, model=model, options=options, every=checkpoint_every)
     rows = _Rows()
@@ -471,6 +545,7 @@ def _score_local(
         with (
             attention_stats_hook(model),
             unused_vision_layers_skipped(model),
+            last_layer_mlp_on_query_rows(model, n_layers),
             torch.inference_mode(),
         ):
             scorer = _FusedScorer(
@@ -482,6 +557,9 @@ def _score_local(
                 max_tokens=max_tokens,
                 bar=bar,
                 progress=progress,
+                answers=answers,
+                hidden=hidden,
+                topk=topk,
             )
             for index, raw in enumerate(loader):
                 inputs, ids, B = _validated(raw, index)
@@ -493,27 +571,31 @@ def _score_local(
                     if stored is not None:
                         rows.add_scores(stored)
                 else:
-                    ent, he, mass, n_img = scorer(inputs, index, ids)
-                    rows.add(ent, he, mass, n_img, ids)
+                    arrays = scorer(inputs, index, ids)
+                    rows.add(arrays, ids)
                     if ckpt is not None:
-                        ckpt.add(index, ent, he, mass, n_img, ids)
+                        ckpt.add(index, arrays, ids)
                 seen += B
                 bar.update(B)
             if ckpt is not None:
                 ckpt.finish()
     finally:
         bar.close()
-    return rows.scores(meta, n_layers=n_layers, n_heads=n_heads, allow_empty=dist is not None), ids_given
+    empty = _empty_shapes(model, answers=answers, hidden=hidden) if dist is not None else None
+    return rows.scores(meta, empty=empty), ids_given
 
 
 # --------------------------------------------------------------------------- reference path
 def _stats_from_maps(
-    attentions: tuple[torch.Tensor, ...], qpos: torch.Tensor, image_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The paper's computation on materialised (B, H, L, L) maps, in float64."""
-    B = qpos.shape[0]
+    attentions: tuple[torch.Tensor, ...], qpos: torch.Tensor, image_mask: torch.Tensor, topk: int
+) -> dict[str, torch.Tensor]:
+    """The statistics computed naively on materialised (B, H, L, L) maps, in float64."""
+    B, N = image_mask.shape
     rows = torch.arange(B, device=qpos.device)
-    ent, head_ent, mass = [], [], []
+    first = torch.where(image_mask, torch.arange(N, device=image_mask.device), N).amin(dim=1)
+    before = torch.arange(N, device=image_mask.device)[None, :] < first[:, None]  # (B, N)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "entropy", "head_entropy", "image_mass", "head_image_share", "head_before_share", "image_topk_share")}  # fmt: skip
     for layer_attn in attentions:
         a = layer_attn[rows, :, qpos].double()  # (B, H, N): the query row of every head
         img = image_mask[:, None, :].to(a.device)
@@ -521,15 +603,15 @@ def _stats_from_maps(
         head_mean = a_img.mean(dim=1)  # (B, N) head mean over image tokens
         total = head_mean.sum(-1, keepdim=True)
         p = head_mean / total
-        ent.append(-(p * torch.log(p + PAPER_EPS)).sum(-1))
+        out["entropy"].append(-(p * torch.log(p + PAPER_EPS)).sum(-1))
         ph = a_img / a_img.sum(-1, keepdim=True)
-        head_ent.append(-torch.special.xlogy(ph, ph).sum(-1))
-        mass.append(a_img.sum(-1).mean(-1))
-    return (
-        torch.stack(ent, 1).float().cpu(),
-        torch.stack(head_ent, 1).float().cpu(),
-        torch.stack(mass, 1).float().cpu(),
-    )
+        out["head_entropy"].append(-torch.special.xlogy(ph, ph).sum(-1))
+        out["image_mass"].append(a_img.sum(-1).mean(-1))
+        out["head_image_share"].append(a_img.sum(-1))
+        out["head_before_share"].append(torch.where(before[:, None, :].to(a.device), a, 0.0).sum(-1))
+        top = torch.sort(p, dim=-1, descending=True).values[:, :topk].sum(-1)
+        out["image_topk_share"].append(top)
+    return {k: torch.stack(v, 1).float().cpu() for k, v in out.items()}
 
 
 def score_reference(
@@ -540,17 +622,26 @@ def score_reference(
     device: str | torch.device | None = None,
     progress: bool = True,
     gather: bool = True,
+    hidden_states: bool = False,
+    topk: int = 4,
 ) -> Scores:
-    """The paper's path: eager text attention with ``output_attentions=True``.
+    """The paper's path: eager attention with ``output_attentions=True``, the model's full forward.
 
     Materialises every layer's (B, heads, L, L) attention map, as the BYE
-    reference code does, and takes the statistics from the last prompt token's
-    row. For validation and benchmarking; same inputs and outputs as :func:`score`
-    (under torch.distributed, ``gather`` as there).
+    reference code does, and computes every statistic naively (float64) from
+    the last prompt token's row; the answer signals come from the model's own
+    logits. For validation and benchmarking; same inputs and outputs as
+    :func:`score` (under torch.distributed, ``gather`` as there).
     """
+    if int(topk) < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
     dist = rank_and_world_size()
     return _collect(
-        lambda: _reference_local(model, loader, image_token_id, device, progress, dist), dist, gather
+        lambda: _reference_local(
+            _unwrapped(model), loader, image_token_id, device, progress, dist, bool(hidden_states), int(topk)
+        ),
+        dist,
+        gather,
     )
 
 
@@ -561,9 +652,14 @@ def _reference_local(
     device: str | torch.device | None,
     progress: bool,
     dist: tuple[int, int] | None,
+    hidden: bool,
+    topk: int,
 ) -> tuple[Scores, bool]:
     rows = _Rows()
     ids_given = True
+    answers = _has_lm_head(model)
+    if hidden and not answers:
+        raise ValueError(f"hidden_states=True needs a model with an LM head; {type(model).__name__} has none")
     with preserved_model_state(model), torch.inference_mode():
         model.set_attn_implementation("eager")  # as the paper's code: eager everywhere
         model.eval()
@@ -571,15 +667,27 @@ def _reference_local(
             loader, model, image_token_id, device, "bye_fast.score_reference", progress
         ):
             ids_given &= batch.ids is not None
-            out = model(**batch.inputs, output_attentions=True, use_cache=False, return_dict=True)
+            out = model(
+                **batch.inputs,
+                output_attentions=True,
+                output_hidden_states=hidden,
+                use_cache=False,
+                return_dict=True,
+            )
             attentions = getattr(out, "attentions", None)
             if not attentions:
                 raise NotImplementedError(
                     f"{type(model).__name__} returned no attentions with output_attentions=True"
                 )
-            ent, he, mass = _stats_from_maps(attentions, batch.qpos, batch.image_mask)
-            rows.add(*_rows_of_stats(ent, he, mass, batch.image_mask), ids)
-    meta = {"method": "bye_fast.score_reference", "model": type(model).__name__}
-    tcfg = text_config(model)
-    n_layers, n_heads = int(tcfg.num_hidden_layers), int(tcfg.num_attention_heads)
-    return rows.scores(meta, n_layers=n_layers, n_heads=n_heads, allow_empty=dist is not None), ids_given
+            stats = _stats_from_maps(attentions, batch.qpos, batch.image_mask & batch.key_valid, topk)
+            if answers:
+                r = torch.arange(batch.size, device=batch.qpos.device)
+                probs = torch.softmax(out.logits[r, batch.qpos].double(), dim=-1)
+                conf, token = probs.max(dim=-1)
+                stats.update(answer_token=token.cpu(), answer_confidence=conf.float().cpu())
+                if hidden:
+                    stats["hidden"] = out.hidden_states[-1][r, batch.qpos].float().cpu()
+            rows.add(_rows_of_stats(stats, batch.image_mask), ids)
+    meta = {"method": "bye_fast.score_reference", "model": type(model).__name__, "topk": topk}
+    empty = _empty_shapes(model, answers=answers, hidden=hidden) if dist is not None else None
+    return rows.scores(meta, empty=empty), ids_given

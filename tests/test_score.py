@@ -16,7 +16,15 @@ from bye_fast.score import _prepare
 
 from ._models import FAMILIES, llava
 
-FIELDS = ("entropy", "head_entropy", "image_mass")
+#: Every attention statistic of Scores (compared fused vs reference to 1e-4).
+FIELDS = (
+    "entropy",
+    "head_entropy",
+    "image_mass",
+    "head_image_share",
+    "head_before_share",
+    "image_topk_share",
+)
 
 
 def _attn_impls(model):
@@ -28,8 +36,8 @@ def _attn_impls(model):
 def test_fused_matches_reference(family, padding_side):
     model, batches = FAMILIES[family](padding_side=padding_side)
     before = _attn_impls(model)
-    fused = bye_fast.score(model, batches, progress=False)
-    ref = bye_fast.score_reference(model, batches, progress=False)
+    fused = bye_fast.score(model, batches, progress=False, hidden_states=True)
+    ref = bye_fast.score_reference(model, batches, progress=False, hidden_states=True)
     assert _attn_impls(model) == before
     n = sum(b["input_ids"].shape[0] for b in batches)
     assert fused.entropy.shape == (n, 3)
@@ -40,6 +48,13 @@ def test_fused_matches_reference(family, padding_side):
         a, b = getattr(fused, field), getattr(ref, field)
         assert np.isfinite(a).all()
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=field)
+    # the answer signals: the last layer's MLP ran on the query rows only, the LM head on those rows
+    np.testing.assert_allclose(fused.hidden, ref.hidden, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(fused.answer_confidence, ref.answer_confidence, atol=1e-5)
+    np.testing.assert_array_equal(fused.answer_token, ref.answer_token)
+    after = fused.head_after_share
+    assert (after > -1e-6).all() and (fused.head_before_share > 0).all() and (after > 1e-3).any()
+    assert np.ptp(fused.answer_confidence) > 0
     # the test is only meaningful if entropies vary between samples and layers (not uniform attention)
     assert np.ptp(fused.entropy) > 0.05
     assert (fused.entropy < np.log(fused.n_image_tokens)[:, None] + 1e-4).all()

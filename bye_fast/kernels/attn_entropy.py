@@ -7,6 +7,9 @@ the keys of the sequence, compute per head ``h``:
 * ``head_entropy[b, h]`` entropy of the head's attention renormalised over the
   image keys, ``-sum_t p_t log p_t`` (natural log);
 * ``image_mass[b, h]``   share of the head's attention on image keys;
+* ``before_mass[b, h]``  share of the head's attention on the (text) keys before the
+  first image key (the rest, ``1 - image_mass - before_mass``, is text after or
+  between images, the query token included);
 
 and per sample the head-summed attention over the image keys,
 ``image_attn[b, t] = sum_h softmax_h[t]`` (0 at non-image keys), from which
@@ -43,7 +46,9 @@ __all__ = [
     "attn_image_stats_reference",
     "attn_image_stats_torch",
     "attn_image_stats_triton",
+    "first_image_position",
     "head_mean_entropy",
+    "topk_share",
 ]
 
 #: The epsilon of the paper's reference code: ``-sum p * log(p + 1e-8)``.
@@ -55,6 +60,14 @@ class AttnImageStats(NamedTuple):
     head_entropy: torch.Tensor  # (B, H) float32, NaN where a row has no image key
     image_mass: torch.Tensor  # (B, H) float32
     image_attn: torch.Tensor  # (B, N) float32, head-summed softmax at image keys, 0 elsewhere
+    before_mass: torch.Tensor  # (B, H) float32, share on attended keys before the first image key
+
+
+def first_image_position(image_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 index of each row's first image key; ``N`` for a row without one."""
+    B, N = image_mask.shape
+    pos = torch.arange(N, device=image_mask.device).expand(B, N)
+    return torch.where(image_mask, pos, N).amin(dim=1) if N else torch.zeros(B, dtype=torch.long)
 
 
 def _check_inputs(q, k, qpos, key_valid, image_mask) -> tuple[int, int, int, int, int]:
@@ -92,6 +105,20 @@ def head_mean_entropy(image_attn: torch.Tensor, eps: float = PAPER_EPS) -> torch
     return torch.where(total.squeeze(-1) > 0, h, torch.full_like(h, float("nan")))
 
 
+def topk_share(image_attn: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of the image attention ``(..., N)`` (0 at non-image keys) held by its ``k`` largest entries.
+
+    Rows whose attention sums to 0 (no image key) give NaN; with fewer than ``k``
+    image keys the share is 1.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    a = image_attn.float() if image_attn.dtype not in (torch.float32, torch.float64) else image_attn
+    total = a.sum(dim=-1)
+    top = a.topk(min(k, a.shape[-1]), dim=-1).values.sum(dim=-1)
+    return torch.where(total > 0, top / total, torch.full_like(total, float("nan")))
+
+
 def attn_image_stats_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,7 +141,9 @@ def attn_image_stats_reference(
     p = img_probs / mass[..., None]
     ent = -torch.special.xlogy(p, p).sum(-1)
     ent = torch.where(mass > 0, ent, torch.full_like(ent, float("nan")))
-    return AttnImageStats(lse, ent, mass, img_probs.sum(1))
+    before = torch.arange(N)[None, :] < first_image_position(image_mask & key_valid)[:, None]  # (B, N)
+    before_mass = (probs * before[:, None, :]).sum(-1)
+    return AttnImageStats(lse, ent, mass, img_probs.sum(1), before_mass)
 
 
 def attn_image_stats_torch(
@@ -147,7 +176,11 @@ def attn_image_stats_torch(
     ent = torch.where(has_img, ent, torch.full_like(lse_img, float("nan")))
     mass = torch.where(has_img, torch.exp(lse_img - lse), torch.zeros_like(lse))
     image_attn = torch.where(img, torch.exp(s - lse[..., None]), 0.0).sum(1)  # (B, N)
-    return AttnImageStats(lse, ent, mass, image_attn)
+    ar = torch.arange(N, device=s.device)
+    before = (ar[None, :] < first_image_position(image_mask & key_valid)[:, None]) & key_valid  # (B, N)
+    lse_before = torch.logsumexp(s.masked_fill(~before[:, None, :], float("-inf")), dim=-1)
+    before_mass = torch.exp(lse_before - lse)  # exp(-inf) = 0 without such keys
+    return AttnImageStats(lse, ent, mass, image_attn, before_mass)
 
 
 def attn_image_stats(
@@ -220,9 +253,11 @@ if triton is not None:
         qpos_ptr,
         valid_ptr,
         img_ptr,
+        first_ptr,
         lse_ptr,
         ent_ptr,
         mass_ptr,
+        before_ptr,
         attn_ptr,
         stride_qb,
         stride_qh,
@@ -255,10 +290,11 @@ if triton is not None:
             all attended keys:  m   = running max,  Z = sum_t 2^(x_t - m)
             image keys only:    m_i = running max,  Z_i = sum_t 2^(x_t - m_i),
                                 S_i = sum_t 2^(x_t - m_i) * (x_t - m_i)
+            keys before the first image key:  Z_b = sum_t 2^(x_t - m)  (same running max)
             then  lse  = ln2 * (m + log2 Z)
                   H    = -sum p ln p with p_t = 2^(x_t - m_i) / Z_i (image-renormalised)
                        = ln2 * (log2 Z_i - S_i / Z_i)
-                  mass = 2^((m_i + log2 Z_i) - (m + log2 Z))
+                  mass = 2^((m_i + log2 Z_i) - (m + log2 Z)),  before = Z_b / Z
             S_i is kept relative to the running max (x_t - m_i <= 0) rather than as
             sum 2^(x-m) * x, so H does not come from cancelling two large numbers.
         pass 2 (over N again, scores recomputed; nothing (B, H, N) is stored)
@@ -295,6 +331,8 @@ if triton is not None:
 
         m = tl.full([BLOCK_G], M_INIT, tl.float32)
         z = tl.zeros([BLOCK_G], tl.float32)
+        z_b = tl.zeros([BLOCK_G], tl.float32)
+        first = tl.load(first_ptr + b).to(tl.int64)  # first attended image key (N if none)
         m_i = tl.full([BLOCK_G], M_INIT, tl.float32)
         z_i = tl.zeros([BLOCK_G], tl.float32)
         s_i = tl.zeros([BLOCK_G], tl.float32)
@@ -311,7 +349,9 @@ if triton is not None:
             x_all = tl.where(valid[None, :], x, NEG_INF)
             m_new = tl.maximum(m, tl.max(x_all, axis=1))
             p = tl.exp2(x_all - m_new[:, None])  # 0 at masked keys
-            z = z * tl.exp2(m - m_new) + tl.sum(p, axis=1)
+            alpha = tl.exp2(m - m_new)
+            z = z * alpha + tl.sum(p, axis=1)
+            z_b = z_b * alpha + tl.sum(tl.where((offs_n < first)[None, :], p, 0.0), axis=1)
             m = m_new
 
             # image keys: Z_i and S_i rescaled to the new max. For the old terms,
@@ -336,11 +376,13 @@ if triton is not None:
         ent = LN2 * (tl.log2(z_i_safe) - s_i / z_i_safe)
         ent = tl.where(has_img, ent, float("nan"))
         mass = tl.where(has_img, tl.exp2((m_i - m) + (tl.log2(z_i_safe) - log2_z)), 0.0)
+        before = tl.where(z > 0, z_b / tl.where(z > 0, z, 1.0), 0.0)
 
         out_offs = b * stride_ob + heads
         tl.store(lse_ptr + out_offs, lse2 * LN2, mask=g_mask)
         tl.store(ent_ptr + out_offs, ent, mask=g_mask)
         tl.store(mass_ptr + out_offs, mass, mask=g_mask)
+        tl.store(before_ptr + out_offs, before, mask=g_mask)
 
         # ---- pass 2: full-softmax probabilities at image keys, summed over heads
         attn_base = attn_ptr + b * stride_ab
@@ -419,9 +461,11 @@ def attn_image_stats_triton(
     lse = torch.empty(B, H, device=dev, dtype=torch.float32)
     ent = torch.empty(B, H, device=dev, dtype=torch.float32)
     mass = torch.empty(B, H, device=dev, dtype=torch.float32)
+    before = torch.empty(B, H, device=dev, dtype=torch.float32)
     image_attn = torch.zeros(B, N, device=dev, dtype=torch.float32)  # atomically accumulated
     if B == 0 or H == 0:
-        return AttnImageStats(lse, ent, mass, image_attn)
+        return AttnImageStats(lse, ent, mass, image_attn, before)
+    first = first_image_position(image_mask & key_valid)
     # bool -> uint8 is a free reinterpretation (same element size, same strides).
     valid_u8 = key_valid.view(torch.uint8)
     img_u8 = image_mask.view(torch.uint8)
@@ -432,9 +476,11 @@ def attn_image_stats_triton(
         qpos,
         valid_u8,
         img_u8,
+        first,
         lse,
         ent,
         mass,
+        before,
         image_attn,
         q.stride(0),
         q.stride(1),
@@ -462,4 +508,4 @@ def attn_image_stats_triton(
         DOT_FP32=q.dtype == torch.float32 or (interpreted and q.dtype == torch.bfloat16),
         num_warps=4,
     )
-    return AttnImageStats(lse, ent, mass, image_attn)
+    return AttnImageStats(lse, ent, mass, image_attn, before)
