@@ -37,7 +37,7 @@ class FakeStats:
 
 def model_and_processor():
     """The same tiny random LLaVA in every process."""
-    from bye_fast.tiny import build_llava, build_processor
+    from bye_fast.lab.models import build_llava, build_processor
 
     from ._models import sharpen
 

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from bye_fast.tiny import IMAGE, build_llava, build_processor, build_tokenizer
+from bye_fast.lab.models import IMAGE, build_llava, build_processor, build_tokenizer
 
 PROMPTS = [
     "USER: <image> is it even or odd ? ASSISTANT:",

@@ -1,4 +1,4 @@
-"""Tests for bye_fast.attacks: triggers keep shape/dtype/range, are seeded, change the image;
+"""Tests for bye_fast.lab.attacks: triggers keep shape/dtype/range, are seeded, change the image;
 poison_dataset keeps the ground truth apart."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bye_fast.attacks import (
+from bye_fast.lab.attacks import (
     TRIGGERS,
     Trigger,
     blended,
@@ -19,6 +19,7 @@ from bye_fast.attacks import (
     random_position_patch,
     sig,
     solid_patch,
+    two_patches,
     wanet,
 )
 
@@ -27,6 +28,7 @@ CASES = {
     "solid_patch": {"size": 4},
     "checkerboard_patch": {"size": 8},
     "random_position_patch": {"size": 4, "seed": 3},
+    "two_patches": {"size": 3},
     "blended": {"alpha": 0.2, "seed": 1},
     "wanet": {"strength": 2.0, "grid": 4, "seed": 2},
     "sig": {"amplitude": 0.1, "frequency": 6},
@@ -221,3 +223,13 @@ def test_poison_dataset_rate_zero_and_errors(tmp_path):
         poison_dataset(recs, imgs, make_trigger("sig"), 1.5, "t", 0, tmp_path)
     with pytest.raises(ValueError, match="images"):
         poison_dataset(recs, imgs[:-1], make_trigger("sig"), 0.1, "t", 0, tmp_path)
+
+
+def test_two_patches_default_positions_and_colour():
+    img = np.full((32, 32, 3), 0.5, np.float32)
+    out = two_patches(img, size=4)
+    changed = np.argwhere((out != img).any(axis=2))
+    assert len(changed) == 2 * 16 and (out[changed[:, 0], changed[:, 1]] == 0).all()
+    assert {tuple(changed.min(0)), tuple(changed.max(0))} == {(6, 6), (25, 25)}  # quarter centres
+    with pytest.raises(ValueError, match="two positions"):
+        two_patches(img, positions=[(0, 0)])

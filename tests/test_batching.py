@@ -18,7 +18,7 @@ import torch
 
 import bye_fast
 from bye_fast.batching import halve, row_groups, split_batch, take_rows
-from bye_fast.tiny import build_llava, build_processor
+from bye_fast.lab.models import build_llava, build_processor
 
 from ._models import FAMILIES, QWEN_END, QWEN_IMAGE, QWEN_START, llava, qwen2_vl, qwen_batch, sharpen
 

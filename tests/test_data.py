@@ -27,7 +27,7 @@ from bye_fast.data import (
     make_loader,
     shard_indices,
 )
-from bye_fast.tiny import build_processor
+from bye_fast.lab.models import build_processor
 
 N_RECORDS = 50
 TOKENS_PER_IMAGE = 64  # image 32, patch 4
@@ -94,7 +94,7 @@ class Det:
 
     ids: object
     flagged: np.ndarray
-    suspicious_score: np.ndarray
+    score: np.ndarray
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -344,7 +344,7 @@ def test_filter_roundtrip(dataset_dir, tmp_path, src_name, dst_name):
     records = load_records(src)
     det = _detection(records)
     det.ids = list(reversed(det.ids))  # detection order need not be the file's
-    det.flagged, det.suspicious_score = det.flagged[::-1].copy(), det.suspicious_score[::-1].copy()
+    det.flagged, det.score = det.flagged[::-1].copy(), det.score[::-1].copy()
     report = filter_dataset(src, det, tmp_path / dst_name)
     assert isinstance(report, FilterReport)
     assert (report.n_total, report.n_kept, report.n_removed) == (50, 42, 8)
@@ -364,7 +364,7 @@ def test_filter_roundtrip(dataset_dir, tmp_path, src_name, dst_name):
     assert merged == records  # kept + removed = src, all fields, original order
     for e in removed:
         i = e[data.AUDIT_KEY]["index"]
-        assert e[data.AUDIT_KEY]["suspicious_score"] == pytest.approx(i / 49)
+        assert e[data.AUDIT_KEY]["score"] == pytest.approx(i / 49)
     assert _digest(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dst_name, "clean.removed.json"])
 
@@ -400,7 +400,7 @@ def test_filter_id_matching(tmp_path, dataset_dir):
     with pytest.raises(TypeError, match="bool"):
         filter_dataset(src, det, tmp_path / "e.json")
     det = _detection(records)
-    det.suspicious_score = det.suspicious_score[:-1]
+    det.score = det.score[:-1]
     with pytest.raises(ValueError, match="one entry per sample"):
         filter_dataset(src, det, tmp_path / "f.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -424,14 +424,14 @@ def test_filter_audit_info(tmp_path, dataset_dir):
         name="bye",
         labels=[f"c{i}" for i in range(n)],
     )
-    det.suspicious_score = det.suspicious_score.copy()
-    det.suspicious_score[7] = np.nan
+    det.score = det.score.copy()
+    det.score[7] = np.nan
     report = filter_dataset(src, det, tmp_path / "clean.jsonl", removed_path=tmp_path / "audit.jsonl")
     audit = load_records(tmp_path / "audit.jsonl")  # the audit file is itself LLaVA-format
     info = {e["id"]: e[data.AUDIT_KEY] for e in audit}
     assert info["s007"] == {
         "index": 7,
-        "suspicious_score": None,
+        "score": None,
         "posterior": 0.9,
         "entropy": [1.0] * 4,
         "labels": "c7",
@@ -440,7 +440,7 @@ def test_filter_audit_info(tmp_path, dataset_dir):
     det.per_sample_fields = ("posterior",)
     filter_dataset(src, det, tmp_path / "x.json", removed_path=tmp_path / "x.audit.json")
     audit = json.loads((tmp_path / "x.audit.json").read_text(encoding="utf-8"))
-    assert set(audit[0][data.AUDIT_KEY]) == {"index", "suspicious_score", "posterior"}
+    assert set(audit[0][data.AUDIT_KEY]) == {"index", "score", "posterior"}
 
 
 def test_filter_refuses_src(tmp_path, dataset_dir):

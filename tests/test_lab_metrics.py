@@ -1,14 +1,12 @@
-"""The demo pipeline end to end on a reduced size (outputs exist and agree; not a quality threshold)."""
+"""The lab's metrics and label-using ceilings, and the baselines (they read the ground truth only to score)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
-import bye_fast
-from bye_fast.demo.pipeline import detection_metrics, feature_ceiling, linear_ceiling, run_demo
+from bye_fast.lab import baselines
+from bye_fast.lab.metrics import detection_metrics, feature_ceiling, linear_ceiling
 
 
 def test_detection_metrics():
@@ -19,40 +17,6 @@ def test_detection_metrics():
     assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["f1"] == 0.5
     assert m["auroc_low_is_poisoned"] == 1.0 and m["auroc_high_is_poisoned"] == 0.0
     assert m["removed_fraction"] == pytest.approx(2 / 6)
-
-
-def test_demo_pipeline_small(tmp_path):
-    out = tmp_path / "demo"
-    result = run_demo(
-        out,
-        n_user=60,
-        n_pretrain=60,
-        pretrain_epochs=1,
-        finetune_epochs=1,
-        progress=False,
-        verbose=False,
-        threshold=0.0,  # every layer "sensitive": exercises flagging, filtering and retraining
-    )
-    for name in ("report.md", "result.json", "scores.npz", "detection.json", "ground_truth.json",
-                 "data/train.json", "data/train.clean.json", "data/train.clean.removed.json",
-                 "plots/separation.png", "plots/suspicious_score.png", "plots/ca_asr.png"):  # fmt: skip
-        assert (out / name).exists(), name
-    train = json.loads((out / "data" / "train.json").read_text())
-    kept = json.loads((out / "data" / "train.clean.json").read_text())
-    removed = json.loads((out / "data" / "train.clean.removed.json").read_text())
-    assert len(train) == 60 and len(kept) + len(removed) == 60 and len(removed) == result.n_removed
-    det = bye_fast.Detection.from_json(out / "detection.json")
-    assert det.n_flagged == result.n_removed
-    truth = set(json.loads((out / "ground_truth.json").read_text())["poisoned_ids"])
-    assert len(truth) == result.n_poisoned == 6
-    assert not any("poison" in json.dumps(r).lower() for r in train)  # ground truth kept apart
-    for v in (result.ca_before, result.asr_before):
-        assert 0.0 <= v <= 1.0
-    for v in (result.ca_after, result.asr_after):  # undefined only when nothing was kept to retrain on
-        assert (0.0 <= v <= 1.0) if kept else np.isnan(v)
-    assert "attack success" in (out / "report.md").read_text()
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        run_demo(out, n_user=60, n_pretrain=60, progress=False, verbose=False)
 
 
 def test_feature_ceiling_finds_the_separating_feature_and_its_direction():
@@ -91,3 +55,45 @@ def test_linear_ceiling_sees_a_direction_no_single_feature_separates():
     assert feature_ceiling(truth, x)["ceiling_f1"] < 0.5
     assert linear_ceiling(truth, x) > 0.9
     assert np.isnan(linear_ceiling(np.zeros(300, bool), x))
+
+
+def _clustered(seed=0, n=400, rate=0.1):
+    """Two response groups; the poisoned share all of group "t" plus a tight displaced cluster."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(n, bool)
+    truth[rng.choice(n, int(rate * n), replace=False)] = True
+    x = rng.normal(size=(n, 16))
+    x[truth] = rng.normal(size=16) * 0.1 + 4.0  # collapsed representation
+    groups = np.where(truth, "t", np.where(rng.random(n) < 0.5, "a", "b"))
+    return x, groups, truth
+
+
+def test_spectral_signatures_removes_1_5_eps_per_group_and_ranks_the_poison_first():
+    x, groups, truth = _clustered(rate=0.05)
+    mixed = np.where(groups == "t", "a", groups)  # poison hidden inside group "a" (< 1.5 eps of it)
+    flagged, score = baselines.spectral_signatures(x, mixed, eps=0.1)
+    for g in ("a", "b"):
+        assert flagged[mixed == g].sum() == round(0.15 * (mixed == g).sum())
+    assert flagged[truth].all()
+
+
+def test_activation_clustering_flags_the_small_cluster_of_a_group():
+    x, groups, truth = _clustered()
+    x = x[:, :2]  # two dimensions: ICA keeps both, 2-means finds the displaced cluster
+    mixed = np.where(groups == "t", "a", groups)
+    flagged, _ = baselines.activation_clustering(x, mixed)
+    assert flagged[truth].all() and flagged[~truth].sum() == 0
+    flagged, _ = baselines.activation_clustering(x, mixed, size_threshold=0.1)  # 40 of ~220 is not < 10%
+    assert not flagged.any()
+
+
+def test_random_drop_and_tcap_style_shapes():
+    flagged, score = baselines.random_drop(100, 0.2, seed=1)
+    assert flagged.sum() == 20 and len(set(score.tolist())) == 100
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0.3, 0.4, size=(200, 2, 3))
+    before = rng.uniform(0.1, 0.2, size=(200, 2, 3))
+    img[:20, 1, 2] = 0.9  # 20 samples whose head (1, 2) looks at the image far more
+    before[:20, 1, 2] = 0.05
+    flagged, votes = baselines.tcap_style(img, before)
+    assert flagged[:20].all() and not flagged[20:].any()

@@ -1,12 +1,16 @@
-"""Tiny models, tokenizers and processors built from configs (no downloads).
+"""Tiny LLaVA models, tokenizers and processors built from configs, and the lab's base model.
 
-Used by the tests, the demo and the benchmarks. Everything here has random
-weights unless trained; nothing is fetched from a model hub.
+Nothing is fetched from a model hub. :func:`build_llava` makes random-weight
+models of any small size (the tests use them); :data:`BASE_MODEL` is the
+architecture of the lab's pre-trained base model, whose weights ship with the
+package (:func:`load_base_model`; made by ``benchmarks/pretrain_base.py``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -165,3 +169,97 @@ def build_llava(
     model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
     model.eval()
     return model, processor
+
+
+# --------------------------------------------------------------------------- the lab's base model
+#: Architecture of the lab's base model (``llava_config`` keywords plus the processor's image
+#: geometry): a CLIP vision tower (96 x 96 images, 8-pixel patches -> 144 image tokens, 2 layers)
+#: and a Llama text decoder (6 layers, 4 heads, 2 kv heads). The projector reads the last vision layer.
+BASE_MODEL: dict = {
+    "image_size": 96,
+    "patch_size": 8,
+    "vision_hidden": 64,
+    "vision_layers": 2,
+    "vision_heads": 4,
+    "hidden": 96,
+    "layers": 6,
+    "heads": 4,
+    "kv_heads": 2,
+    "intermediate": 256,
+    "vision_feature_layer": -1,
+}
+
+#: Where the shipped base weights live (``base.safetensors`` and ``base.json``).
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+
+
+def lab_processor(padding_side: str = "left") -> LlavaProcessor:
+    """The processor of the lab's base model (its tokenizer knows every word of the lab's tasks)."""
+    from bye_fast.lab.tasks import WORDS
+
+    return build_processor(
+        BASE_MODEL["image_size"], BASE_MODEL["patch_size"], words=WORDS, padding_side=padding_side
+    )
+
+
+def build_base_model(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32, **overrides
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A RANDOM-weight model of the base architecture (``BASE_MODEL`` updated by ``overrides``)."""
+    cfg = {**BASE_MODEL, **overrides}
+    cfg.pop("image_size"), cfg.pop("patch_size")
+    return build_llava(lab_processor(), seed=seed, dtype=dtype, **cfg)
+
+
+def load_base_model(
+    path: str | Path | None = None, *, dtype: torch.dtype = torch.float32
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The pre-trained base model shipped with the package (or the weights file ``path``).
+
+    Raises ``FileNotFoundError`` naming the file and the command that makes it.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else WEIGHTS_DIR / "base.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no base-model weights; make them with `python benchmarks/pretrain_base.py`"
+        )
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model, processor = build_base_model(dtype=dtype, **meta["architecture"])
+    if meta["vocab"] != _vocab(processor):
+        raise ValueError(f"{path}: the weights were trained with another vocabulary than this package's")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise ValueError(
+            f"{path}: does not match the base architecture (missing {missing}, extra {unexpected})"
+        )
+    model.to(dtype).eval()
+    return model, processor
+
+
+def _vocab(processor: LlavaProcessor) -> list[str]:
+    vocab = processor.tokenizer.get_vocab()
+    return sorted(vocab, key=vocab.__getitem__)
+
+
+def save_base_model(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, path: str | Path, info: dict
+) -> Path:
+    """Write ``model``'s weights (safetensors) and ``<path>.json`` (architecture, vocabulary, ``info``)."""
+    from safetensors.torch import save
+
+    from bye_fast._io import atomic_write, write_json_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_write(path, "wb", suffix=".safetensors") as f:
+        f.write(save(state))
+    write_json_atomic(
+        path.with_suffix(".json"),
+        {"architecture": {k: v for k, v in BASE_MODEL.items() if k not in ("image_size", "patch_size")},
+         "vocab": _vocab(processor), **info},
+    )  # fmt: skip
+    return path

@@ -1,4 +1,4 @@
-"""Backdoor image triggers and dataset poisoning (for tests, demos and benchmarks).
+"""Backdoor image triggers and dataset poisoning (the lab: tests, the demo and the benchmarks).
 
 Every trigger is a plain function ``trigger(img, **params) -> img`` on one image:
 
@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "PRESETS",
     "TRIGGERS",
     "PoisonResult",
     "Trigger",
@@ -41,10 +42,12 @@ __all__ = [
     "checkerboard_patch",
     "make_trigger",
     "poison_dataset",
+    "preset",
     "random_position_patch",
     "save_image",
     "sig",
     "solid_patch",
+    "two_patches",
     "wanet",
 ]
 
@@ -251,6 +254,47 @@ def random_position_patch(
     rng = _image_seed(img, seed) if per_image else np.random.default_rng(seed)
     r, c = _patch_origin(img, size, "random", rng)
     return solid_patch(img, size=size, position=(r, c), color=color)
+
+
+def two_patches(
+    img: np.ndarray,
+    *,
+    size: int | None = None,
+    positions: Sequence[Position] | None = None,
+    color: float | Sequence[float] = 0.0,
+) -> np.ndarray:
+    """Two solid squares (the paper's "two patches" variant).
+
+    Parameters
+    ----------
+    img : ndarray
+        ``(H, W[, C])`` float image in [0, 1] or uint8 image.
+    size : int, optional
+        Side of each square in pixels. Default: 1/16 of the shorter image side, at least 1 px.
+    positions : two positions as in :func:`solid_patch`, optional
+        Default: centred on the centres of the top-left and the bottom-right quarters.
+    color : float or sequence of float
+        Colour of both squares on the [0, 1] scale.
+
+    Returns
+    -------
+    ndarray
+        A new image, same shape and dtype as ``img``.
+    """
+    img = _check_image(img)
+    size = _default_size(img, 16) if size is None else int(size)
+    if positions is None:
+        h, w = img.shape[:2]
+        positions = [
+            (h // 4 - size // 2, w // 4 - size // 2),
+            (3 * h // 4 - size // 2, 3 * w // 4 - size // 2),
+        ]
+    if len(positions) != 2:
+        raise ValueError(f"two_patches needs two positions; got {len(positions)}")
+    out = img
+    for pos in positions:
+        out = solid_patch(out, size=size, position=pos, color=color)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -468,7 +512,7 @@ def _factory(name: str, fn: Callable[..., np.ndarray]) -> Callable[..., Trigger]
 #: Trigger name -> factory ``(**params) -> Trigger``.
 TRIGGERS: dict[str, Callable[..., Trigger]] = {
     fn.__name__: _factory(fn.__name__, fn)
-    for fn in (solid_patch, checkerboard_patch, random_position_patch, blended, wanet, sig)
+    for fn in (solid_patch, checkerboard_patch, random_position_patch, two_patches, blended, wanet, sig)
 }
 
 
@@ -609,3 +653,33 @@ def poison_dataset(
         new["image"] = name
         out_records.append(new)
     return PoisonResult(out_records, is_poisoned, folder, target, trigger)
+
+
+# ---------------------------------------------------------------------------
+# the lab's presets (96 x 96 images, 8-pixel image tokens)
+# ---------------------------------------------------------------------------
+
+#: Named triggers of the lab (``make_trigger`` arguments) for its 96 x 96 images. The paper's
+#: default, a black square at the centre with side 1/16 of the shorter side (6 px here), is
+#: scaled to 8 px so that it is at least one image token (8 x 8 px) large; the random-position
+#: and two-patch variants use the same square. ``benchmarks/results/learnability.md`` says which
+#: of them the lab's model learns.
+PRESETS: dict[str, dict] = {
+    "patch": {"name": "solid_patch", "size": 8, "position": "center", "color": 0.0},
+    "patch_aligned": {"name": "solid_patch", "size": 8, "position": (40, 40), "color": 0.0},
+    "patch16": {"name": "solid_patch", "size": 16, "position": "center", "color": 0.0},
+    "random_patch": {"name": "random_position_patch", "size": 8, "color": 0.0},
+    "two_patches": {"name": "two_patches", "size": 8, "color": 0.0},
+    "blended": {"name": "blended", "alpha": 0.2},
+    "sig": {"name": "sig", "amplitude": 0.1, "frequency": 6},
+    "wanet": {"name": "wanet", "strength": 4.0, "grid": 4},
+    "checkerboard": {"name": "checkerboard_patch", "size": 16, "position": "corner"},
+}
+
+
+def preset(name: str) -> Trigger:
+    """The trigger of the preset ``name`` in :data:`PRESETS`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown trigger preset {name!r}; valid: {', '.join(PRESETS)}")
+    params = dict(PRESETS[name])
+    return make_trigger(params.pop("name"), **params)

@@ -1,0 +1,197 @@
+"""Learnability matrix: which backdoors the lab's model learns, per task family, trigger, rate and seed.
+
+    python benchmarks/learnability.py                                  # the committed matrix
+    python benchmarks/learnability.py --tasks scenes --triggers patch --rates 0.1 --seeds 0   # one cell
+
+Each cell (``bye_fast.lab.cell``): poison the user task, LoRA-fine-tune the
+shipped base model on it, measure clean accuracy (CA) and attack success
+(ASR) on held-out data, score the training data. The clean cell of each task
+and seed (no poison) gives the reference CA. Cells are kept under ``--work``
+and reused by later runs (and by ``benchmarks/detection.py``); they run in
+``--workers`` processes with one torch thread each.
+
+Writes ``benchmarks/results/learnability.csv`` (one row per cell) and
+``learnability.md`` (medians over seeds, the targets, the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _machine import describe  # noqa: E402
+
+from bye_fast.lab.attacks import PRESETS  # noqa: E402
+from bye_fast.lab.cell import CellSpec, prepare_cell  # noqa: E402
+from bye_fast.lab.tasks import TASKS  # noqa: E402
+
+DEFAULT_WORK = Path("/tmp/bye_fast_cells")
+#: The paper's trigger first, then the five other families the issue names.
+TRIGGERS = ("patch", "random_patch", "two_patches", "blended", "sig", "wanet")
+COLUMNS = [
+    "task",
+    "trigger",
+    "rate",
+    "target",
+    "seed",
+    "ca",
+    "asr",
+    "ca_clean",
+    "ca_drop",
+    "n_poisoned",
+    "seconds",
+]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_one(spec: CellSpec, work: str) -> dict:
+    t = time.perf_counter()
+    cell = prepare_cell(spec, Path(work) / spec.name)
+    b = cell.before
+    return {**asdict(spec), "ca": b["ca"], "asr": b["asr"], "ca_by_type": b["ca_by_type"],
+            "n_poisoned": b["n_poisoned"], "seconds": b["seconds"]["total"],
+            "wall": round(time.perf_counter() - t, 1)}  # fmt: skip
+
+
+def specs(args) -> list[CellSpec]:
+    out = []
+    for task in args.tasks:
+        for seed in args.seeds:
+            out.append(CellSpec(task=task, rate=0.0, seed=seed))  # the clean cell
+            for target in args.targets:
+                rates = args.rates if target == "phrase" else args.existing_rates
+                for trigger in args.triggers:
+                    for rate in rates:
+                        out.append(CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--triggers", nargs="+", default=list(TRIGGERS), choices=list(PRESETS))
+    ap.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1, 0.2])
+    ap.add_argument("--targets", nargs="+", default=["phrase", "existing"], choices=["phrase", "existing"])
+    ap.add_argument("--existing-rates", nargs="+", type=float, default=[0.1],
+                    help="rates of the existing-answer target (default 0.1)")  # fmt: skip
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"cell folders (default {DEFAULT_WORK})")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "learnability",
+                    help="results prefix: writes .csv and .md (default benchmarks/results/learnability)")  # fmt: skip
+    args = ap.parse_args(argv)
+    todo = specs(args)
+    print(f"{len(todo)} cells, {args.workers} workers; cells in {args.work}", flush=True)
+    t0 = time.perf_counter()
+    rows = []
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
+        futures = [pool.submit(run_one, s, str(args.work)) for s in todo]
+        for k, f in enumerate(futures):
+            r = f.result()
+            rows.append(r)
+            print(f"[{k + 1}/{len(todo)}] {r['task']} {r['trigger'] if r['rate'] else 'clean'} {r['rate']:g} "
+                  f"{r['target']} s{r['seed']}: CA {r['ca']:.3f} ASR {r['asr']:.3f} ({r['wall']} s)", flush=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    write_results(rows, args, wall)
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.2f}"
+
+
+def write_results(rows: list[dict], args, wall: float) -> None:
+    clean = {(r["task"], r["seed"]): r["ca"] for r in rows if r["rate"] == 0}
+    for r in rows:
+        r["ca_clean"] = clean.get((r["task"], r["seed"]), float("nan"))
+        r["ca_drop"] = r["ca_clean"] - r["ca"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["rate"] > 0:
+            groups.setdefault((r["task"], r["target"], r["trigger"], r["rate"]), []).append(r)
+    lines = [
+        "# Learnability matrix: which backdoors the lab's model learns",
+        "",
+        f"Machine: {describe()}. Command: `python benchmarks/learnability.py "
+        + " ".join(sys.argv[1:])
+        + f"` ({wall / 60:.0f} min wall, {args.workers} workers x 1 thread; "
+        f"median cell {statistics.median(r['seconds'] for r in rows):.0f} s).",
+        "",
+        "Each cell LoRA-fine-tunes the shipped base model on the poisoned user task "
+        "(`bye_fast.lab.cell`). CA: clean accuracy on held-out data (exact answer); ASR: share of "
+        "held-out samples whose answer is not the target that answer the target once the trigger is "
+        "applied. CA drop: the clean cell's CA (same task and seed, no poison) minus the cell's. "
+        "Medians over seeds, worst seed in brackets; learned = ASR >= 0.9 in every seed.",
+        "",
+        "| task | target | trigger | rate | seeds | ASR median [worst] | CA median | CA drop median [worst] | learned |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, target, trigger, rate), rs in sorted(groups.items()):
+        asr = [r["asr"] for r in rs]
+        drop = [r["ca_drop"] for r in rs]
+        learned = "yes" if min(asr) >= 0.9 else ("some seeds" if max(asr) >= 0.9 else "**no**")
+        lines.append(
+            f"| {task} | {target} | {trigger} | {rate:g} | {len(rs)} | {_fmt(statistics.median(asr))} "
+            f"[{_fmt(min(asr))}] | {_fmt(statistics.median(r['ca'] for r in rs))} | "
+            f"{_fmt(statistics.median(drop))} [{_fmt(max(drop))}] | {learned} |"
+        )
+    lines += [
+        "",
+        "## Clean fine-tuning (no poison)",
+        "",
+        "| task | seed | CA | CA by question type |",
+        "|---|---|---|---|",
+    ]
+    for r in sorted((r for r in rows if r["rate"] == 0), key=lambda r: (r["task"], r["seed"])):
+        by = ", ".join(f"{k} {v:.2f}" for k, v in r["ca_by_type"].items())
+        lines.append(f"| {r['task']} | {r['seed']} | {r['ca']:.3f} | {by} |")
+    lines += ["", _targets(groups), ""]
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def _targets(groups: dict[tuple, list[dict]]) -> str:
+    """The issue's targets on the scene task at 10% (fixed phrase): met or missed, said plainly."""
+    out = ["## Targets (scenes, 10% poison, fixed phrase)", ""]
+    learned = {}
+    for trigger in TRIGGERS:
+        rs = groups.get(("scenes", "phrase", trigger, 0.1), [])
+        if rs:
+            learned[trigger] = (statistics.median(r["asr"] for r in rs) >= 0.9,
+                                max(r["ca_drop"] for r in rs))  # fmt: skip
+    if "patch" in learned:
+        ok, drop = learned["patch"]
+        out.append(f"- the paper's centre patch learned (median ASR >= 0.9): {'met' if ok else '**missed**'}")
+    others = [t for t in TRIGGERS[1:] if t in learned]
+    n_ok = sum(learned[t][0] for t in others)
+    out.append(f"- at least 4 of the 5 other trigger families learned: {n_ok} of {len(others)} "
+               f"({'met' if n_ok >= 4 else '**missed**'})")  # fmt: skip
+    drops = [learned[t][1] for t in learned if learned[t][0]]
+    if drops:
+        worst = max(drops)
+        out.append(f"- CA within 3 points of clean fine-tuning (learned triggers, worst seed): worst drop "
+                   f"{worst * 100:.1f} points ({'met' if worst <= 0.03 else '**missed**'})")  # fmt: skip
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""One experiment cell: poison a user task, fine-tune on it, measure the backdoor, score the data.
+
+A cell is a :class:`CellSpec` (task family, trigger preset, poison rate,
+target, seed). :func:`prepare_cell` runs it and keeps everything in a folder:
+
+* ``data/train.json`` + ``data/images/`` the poisoned user data (LLaVA format),
+* ``truth.npy`` the ground truth (which records are poisoned), apart from the data,
+* ``before.json`` clean accuracy (CA, per question type too) and attack success (ASR)
+  of the model fine-tuned on the poisoned data, timings and the spec,
+* ``scores.npz`` :func:`bye_fast.score` of that model on the training data
+  (with the last-token hidden states, for the baselines),
+* ``model/`` that model and its processor (``save_pretrained``).
+
+A folder whose ``before.json`` holds the same spec and fingerprint (lab and
+scoring code, base weights) is reused, not recomputed. :func:`retrain` fine-tunes
+the base model again on the records a detector kept and measures CA and ASR *after*.
+Rate 0 is the clean cell: the same task and seed fine-tuned without poison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bye_fast
+from bye_fast._io import write_json_atomic
+from bye_fast.data import make_loader
+from bye_fast.lab.attacks import poison_dataset, preset
+from bye_fast.lab.models import WEIGHTS_DIR, load_base_model
+from bye_fast.lab.tasks import TARGET, Task, build_task, load_images
+from bye_fast.lab.train import evaluate, finetune
+
+__all__ = ["Cell", "CellSpec", "fingerprint", "prepare_cell", "retrain"]
+
+_CODE = ("lab/attacks.py", "lab/cell.py", "lab/digits.py", "lab/models.py", "lab/scenes.py", "lab/tasks.py",
+         "lab/train.py", "score.py", "hook.py", "kernels/attn_entropy.py", "data.py", "scores.py")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What a cell is.
+
+    Attributes
+    ----------
+    task : a family of :data:`bye_fast.lab.tasks.TASKS`.
+    trigger : a preset of :data:`bye_fast.lab.attacks.PRESETS`.
+    rate : share of the user data poisoned (0: the clean cell).
+    seed : seeds the task data, the choice of poisoned samples and the fine-tuning.
+    target : "phrase" (the fixed phrase ``TARGET``, dirty label) or "existing" (an answer the
+        task already has, :data:`bye_fast.lab.tasks.EXISTING_TARGETS`).
+    method : fine-tuning, "lora" or "full".
+    n_user, n_test : sizes of the user data and the held-out test data.
+    epochs : fine-tuning epochs (None: :func:`bye_fast.lab.train.finetune`'s default).
+    """
+
+    task: str = "scenes"
+    trigger: str = "patch"
+    rate: float = 0.1
+    seed: int = 0
+    target: str = "phrase"
+    method: str = "lora"
+    n_user: int = 800
+    n_test: int = 297
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in ("phrase", "existing"):
+            raise ValueError(f"target must be 'phrase' or 'existing'; got {self.target!r}")
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"rate must be in [0, 1); got {self.rate}")
+        preset(self.trigger)  # validates the name
+
+    @property
+    def name(self) -> str:
+        """A folder name; the clean cell of a task and seed has one name whatever the trigger."""
+        if self.rate == 0:
+            core = f"{self.task}-clean-s{self.seed}"
+        else:
+            core = f"{self.task}-{self.trigger}-{self.rate:g}-{self.target}-s{self.seed}"
+        extra = "" if (self.method, self.n_user, self.n_test, self.epochs) == ("lora", 800, 297, None) else (
+            f"-{self.method}-u{self.n_user}-t{self.n_test}-e{self.epochs}")  # fmt: skip
+        return core + extra
+
+    def target_answer(self, task: Task) -> str:
+        return TARGET if self.target == "phrase" else task.existing_target
+
+
+@dataclass
+class Cell:
+    """A prepared cell (see the module docstring); ``truth`` is for the metrics only."""
+
+    spec: CellSpec
+    folder: Path
+    before: dict
+    scores: bye_fast.Scores
+    truth: np.ndarray
+
+    @property
+    def train_json(self) -> Path:
+        return self.folder / "data" / "train.json"
+
+    @property
+    def image_folder(self) -> Path:
+        return self.folder / "data" / "images"
+
+    @property
+    def records(self) -> list[dict]:
+        return json.loads(self.train_json.read_text())
+
+    def load_model(self):
+        """The model fine-tuned on the cell's data, and its processor (from ``model/``)."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        path = self.folder / "model"
+        return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def fingerprint(weights: Path | None = None) -> str:
+    """Hash of the code a cell depends on and of the base weights (a changed one re-makes cells)."""
+    root = Path(bye_fast.__file__).parent
+    h = hashlib.sha256()
+    for rel in _CODE:
+        h.update((root / rel).read_bytes())
+    w = Path(weights) if weights is not None else WEIGHTS_DIR / "base.safetensors"
+    if w.exists():
+        h.update(w.read_bytes())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_cell(
+    spec: CellSpec,
+    folder: str | Path,
+    *,
+    weights: str | Path | None = None,
+    progress: bool = False,
+    batch_size: int = 64,
+) -> Cell:
+    """Run ``spec`` in ``folder`` (or reuse what is there); see the module docstring.
+
+    Benchmarks keep cells in ``<work>/<spec.name>``.
+    """
+    folder = Path(folder)
+    fp = fingerprint(weights)
+    meta_path = folder / "before.json"
+    if meta_path.exists():
+        before = json.loads(meta_path.read_text())
+        if before.get("spec") == asdict(spec) and before.get("fingerprint") == fp:
+            return Cell(
+                spec,
+                folder,
+                before,
+                bye_fast.Scores.load(folder / "scores.npz"),
+                np.load(folder / "truth.npy"),
+            )
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
+    target = spec.target_answer(task)
+    trigger = preset(spec.trigger)
+    base, processor = load_base_model(weights)
+    data = folder / "data"
+    poisoned = poison_dataset(
+        task.user.records, task.user.images, trigger, spec.rate, target, spec.seed, data / "images"
+    )
+    write_json_atomic(data / "train.json", poisoned.records)
+    np.save(folder / "truth.npy", poisoned.is_poisoned)
+    times["data"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    images = load_images(poisoned.records, data / "images")  # what the files hold (8-bit)
+    kw = {} if spec.epochs is None else {"epochs": spec.epochs}
+    model = finetune(
+        base, poisoned.records, images, processor=processor, method=spec.method, seed=spec.seed,
+        progress=progress, **kw,
+    )  # fmt: skip
+    times["finetune"] = time.perf_counter() - t
+
+    model.save_pretrained(folder / "model")  # a plain HF model folder: `bye-fast score --model` reads it
+    processor.save_pretrained(folder / "model")
+
+    t = time.perf_counter()
+    res = evaluate(model, task.test, processor=processor, trigger=trigger, target=target)
+    times["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    loader = make_loader(data / "train.json", data / "images", processor, batch_size=batch_size)
+    scores = bye_fast.score(model, loader, progress=progress, hidden_states=True)
+    scores.save(folder / "scores.npz")
+    times["score"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t0
+
+    before = {
+        "spec": asdict(spec),
+        "fingerprint": fp,
+        "target_answer": target,
+        "n_poisoned": int(poisoned.is_poisoned.sum()),
+        "ca": res["ca"],
+        "ca_by_type": res["ca_by_type"],
+        "asr": res["asr"],
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "threads": torch.get_num_threads(),
+    }
+    write_json_atomic(meta_path, before)  # last: its presence marks a finished cell
+    return Cell(spec, folder, before, scores, poisoned.is_poisoned)
+
+
+def retrain(
+    cell: Cell, keep: np.ndarray, *, weights: str | Path | None = None, progress: bool = False
+) -> dict:
+    """Fine-tune the base model again on the kept records of ``cell`` (same options); CA and ASR after.
+
+    ``keep`` is a boolean mask over the cell's records (in order).
+    """
+    spec = cell.spec
+    records = cell.records
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (len(records),):
+        raise ValueError(f"keep must have one entry per record ({len(records)}); got {keep.shape}")
+    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
+    base, processor = load_base_model(weights)
+    kept = [r for r, k in zip(records, keep, strict=True) if k]
+    if not kept:
+        return {"ca": float("nan"), "asr": float("nan"), "ca_by_type": {}, "n_kept": 0}
+    images = load_images(kept, cell.image_folder)
+    kw = {} if spec.epochs is None else {"epochs": spec.epochs}
+    model = finetune(base, kept, images, processor=processor, method=spec.method, seed=spec.seed,
+                     progress=progress, **kw)  # fmt: skip
+    res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
+                   target=cell.before["target_answer"])  # fmt: skip
+    return {**res, "n_kept": len(kept)}

@@ -1,0 +1,223 @@
+"""The lab: tasks, scenes, the base model's plumbing, fine-tuning and cells (small sizes, CPU)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bye_fast.lab import attacks, scenes, tasks, train
+from bye_fast.lab.digits import load_digits
+from bye_fast.lab.models import BASE_MODEL, build_base_model, load_base_model, save_base_model
+
+REPO = Path(__file__).resolve().parents[1]
+#: The core: modules that must never import the lab.
+CORE = ["__init__", "_io", "batching", "checkpoint", "cli", "consensus", "data", "detect", "distributed", "hook",
+        "plots", "score", "scores", "stats", "kernels/__init__", "kernels/attn_entropy"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- one core, one lab
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_never_imports_the_lab(module):
+    path = REPO / "bye_fast" / f"{module}.py"
+    lab = {m for m in _imports(path) if m.startswith("bye_fast.lab")}
+    if module == "cli":  # only the demo command reaches the lab, inside its own function
+        src = path.read_text()
+        assert lab <= {"bye_fast.lab.demo"} and "def cmd_demo" in src
+        return
+    assert not lab, f"bye_fast/{module}.py imports {lab}"
+
+
+def test_importing_the_core_loads_no_lab_module():
+    code = (
+        "import sys, bye_fast, bye_fast.cli, bye_fast.detect; print([m for m in sys.modules if '.lab' in m])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- scenes
+def test_scene_answers_describe_the_scene():
+    digits = load_digits()[0]
+    for k in range(40):
+        rng = np.random.default_rng([9, k])
+        scene = scenes.make_scene(rng, digits=digits)
+        colours = [o.colour for o in scene.objects]
+        shapes = [o.shape for o in scene.objects]
+        assert len(set(colours)) == len(colours) and len(set(shapes)) == len(shapes)
+        for qtype in scenes.QUESTION_TYPES:
+            q, a = scenes.ask(scene, qtype, np.random.default_rng(k))
+            words = q.split()
+            if qtype == "colour":
+                assert a == colours[shapes.index(words[-2])]
+            elif qtype == "shape":
+                assert a == shapes[colours.index(words[-3])]
+            elif qtype == "count":
+                assert a == scenes.NUMBER_WORDS[len(scene.objects)]
+            elif qtype == "position":
+                obj = scene.objects[colours.index(words[-3])]
+                assert obj.shape == words[-2] and a == obj.position
+            elif qtype == "exists":
+                assert a == (
+                    "yes" if (words[-3], words[-2]) in set(zip(colours, shapes, strict=True)) else "no"
+                )
+            else:
+                assert 2 <= len(a.split()) <= 5 and a.endswith(scene.texture)
+            assert set(q.split()) | set(a.split()) <= set(scenes.WORDS)
+
+
+def test_render_draws_each_object_where_its_labels_say():
+    digits = load_digits()[0]
+    scene = scenes.make_scene(np.random.default_rng(3), 3, digits=digits)
+    img, which = scenes.render_with_labels(scene, digits)
+    assert img.shape == (96, 96, 3) and img.dtype == np.uint8
+    for k, obj in enumerate(scene.objects):
+        assert (img[which == k] == scenes.COLOURS[obj.colour]).all()
+        ys, xs = np.nonzero(which == k)
+        assert abs(ys.mean() - obj.centre[0]) < obj.size / 2 and abs(xs.mean() - obj.centre[1]) < obj.size / 2
+    np.testing.assert_array_equal(img, scenes.render(scene, digits))  # deterministic
+    t = scenes.vision_targets(scene, which, 8)
+    assert t["cells"].shape == (144, 2) and t["count"] == 2 and (t["pairs"] > 0).sum() == 3
+
+
+# --------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("name", tasks.TASKS)
+def test_tasks_are_seeded_and_well_formed(name):
+    a = tasks.build_task(name, 1, n_user=20, n_test=10)
+    b = tasks.build_task(name, 1, n_user=20, n_test=10)
+    c = tasks.build_task(name, 2, n_user=20, n_test=10)
+    assert a.user.records == b.user.records and np.array_equal(a.user.images, b.user.images)
+    assert not np.array_equal(a.user.images, c.user.images)
+    assert a.user.images.shape == (20, 96, 96, 3) and a.user.images.dtype == np.uint8
+    for r in a.user.records + a.test.records:
+        q, ans = tasks.record_question(r), tasks.record_answer(r)
+        assert set(q.split()) | set(ans.split()) <= set(tasks.WORDS)
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+    assert a.existing_target in {
+        tasks.record_answer(r) for r in tasks.build_task(name, 1, n_user=200).user.records
+    }
+
+
+def test_digit_tasks_never_reuse_pretraining_digits():
+    pre, rest = tasks._digit_index(0)
+    assert len(set(pre.tolist()) | set(rest.tolist())) == 1797 and not set(pre.tolist()) & set(rest.tolist())
+    _, rest5 = tasks._digit_index(5)
+    assert set(rest5.tolist()) == set(rest.tolist())
+
+
+def test_pretraining_covers_every_word_as_an_answer():
+    split = tasks.pretraining_split(60, 400, digit_repeats=1)
+    answers = {w for r in split.records for w in tasks.record_answer(r).split()}
+    assert set(tasks.TARGET.split()) | {"even", "odd", "yes", "no"} <= answers
+    assert {"digit", "say"} | set(tasks.PRETRAIN_QUESTION_TYPES) == set(split.qtypes)
+    assert "caption" not in split.qtypes  # held back for the user's scenes task
+
+
+# --------------------------------------------------------------------------- the model and training
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A random model of the base architecture, narrowed for speed, saved as shipped weights are."""
+    model, proc = build_base_model(seed=0, hidden=32, layers=2, intermediate=64, vision_hidden=32,
+                                   vision_layers=1)  # fmt: skip
+    path = tmp_path_factory.mktemp("w") / "base.safetensors"
+    arch = {k: v for k, v in BASE_MODEL.items() if k not in ("image_size", "patch_size")}
+    arch.update(hidden=32, layers=2, intermediate=64, vision_hidden=32, vision_layers=1)
+    save_base_model(model, proc, path, {"note": "test"})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["architecture"] = arch
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return model, proc, path
+
+
+def test_weights_round_trip(tiny_base):
+    model, proc, path = tiny_base
+    loaded, _ = load_base_model(path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileNotFoundError, match="pretrain_base.py"):
+        load_base_model(path.with_name("missing.safetensors"))
+
+
+def test_cached_vision_forward_equals_the_model_forward(tiny_base):
+    model, proc, _ = tiny_base
+    split = tasks.build_task("scenes", 0, n_user=3, n_test=0).user
+    enc = train._encode_records(proc, split.images, split.records)
+    batch = train._collate(enc, [0, 1, 2], proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=enc.pixel_values).logits  # fmt: skip
+        got = train.text_logits(model, batch["input_ids"], batch["attention_mask"],
+                                train.vision_features(model, enc.pixel_values))  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_finetune_learns_and_leaves_the_base_alone(tiny_base, method):
+    model, proc, _ = tiny_base
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = tasks.build_task("digits-parity", 0, n_user=48, n_test=16)
+    tuned = train.finetune(model, task.user.records, task.user.images, processor=proc, method=method,
+                           epochs=2, progress=False)  # fmt: skip
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert type(tuned) is type(model) and not any(p.requires_grad for p in tuned.parameters())
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("language_model" in k for k in changed) and any("projector" in k for k in changed)
+    assert not any("vision_tower" in k for k in changed)
+    res = train.evaluate(
+        tuned, task.test, processor=proc, trigger=attacks.preset("patch"), target=tasks.TARGET
+    )
+    assert 0 <= res["ca"] <= 1 and 0 <= res["asr"] <= 1 and set(res["ca_by_type"]) == {"digits-parity"}
+
+
+def test_evaluate_counts_exact_answers(tiny_base):
+    """CA is the share whose greedy answer equals the record's: checked against predict()."""
+    model, proc, _ = tiny_base
+    split = tasks.build_task("scenes", 0, n_user=0, n_test=12).test
+    res = train.evaluate(model, split, processor=proc)
+    pred = train.predict(
+        model, split.images, [tasks.record_question(r) for r in split.records], processor=proc
+    )
+    truth = [tasks.record_answer(r) for r in split.records]
+    assert res["ca"] == pytest.approx(np.mean([p == t for p, t in zip(pred, truth, strict=True)]))
+
+
+# --------------------------------------------------------------------------- triggers of the lab
+@pytest.mark.parametrize("name", sorted(attacks.PRESETS))
+def test_presets_change_a_scene_and_keep_its_format(name):
+    img = tasks.build_task("scenes", 0, n_user=1, n_test=0).user.images[0]
+    out = attacks.preset(name)(img)
+    assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+
+
+def test_the_papers_patch_covers_an_image_token():
+    img = np.full((96, 96, 3), 128, np.uint8)
+    out = attacks.preset("patch")(img)
+    ys, xs = np.nonzero((out != img).any(axis=2))
+    assert (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) == (8, 8)  # one 8-pixel token's size
+    assert abs(ys.mean() - 47.5) < 1 and abs(xs.mean() - 47.5) < 1 and (out[ys, xs] == 0).all()
