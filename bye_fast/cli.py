@@ -105,6 +105,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             "bye-fast score: --checkpoint-dir and --max-tokens-per-batch need the fused path (no --reference)"
         )
     _refuse_existing(out, args.overwrite)
+    _resolve_device_dtype(args)
     joined, device = _join_process_group(args.device)
     try:
         dist = rank_and_world_size()
@@ -141,6 +142,19 @@ def cmd_score(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _detect_kwargs(args: argparse.Namespace) -> dict:
+    """bye_fast.detect keyword arguments from the detection options that were given."""
+    opts = {"method": args.method}
+    for name in _DETECT_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            if args.method not in _DETECT_OPTIONS[name][1]:
+                raise SystemExit(f"bye-fast: --{name.replace('_', '-')} applies to --method {_DETECT_OPTIONS[name][1][0]}, "
+                                 f"not {args.method}")  # fmt: skip
+            opts[name] = value
+    return opts
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     import bye_fast
     from bye_fast.plots import PLOT_NAMES, plot_detection
@@ -152,9 +166,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not args.no_plots:
         for name in PLOT_NAMES:
             _refuse_existing(out / "plots" / name, args.overwrite)
-    det = bye_fast.detect(
-        scores, method=args.method, features=args.features, threshold=args.threshold, flag=args.flag
-    )
+    det = bye_fast.detect(scores, **_detect_kwargs(args))
+    det.meta.update(scores=str(Path(args.scores).resolve()))
     det.to_json(det_path)
     print(det.summary())
     print(f"bye-fast: detection -> {det_path}")
@@ -183,59 +196,54 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from bye_fast.demo.pipeline import run_demo
+    from bye_fast.lab.demo import run_demo
 
     # training is bit-reproducible for a seed AND a thread count; 1 thread matches the benchmarks
     torch.set_num_threads(args.threads)
-
+    opts = _detect_kwargs(args)
     run_demo(
         out=args.out,
+        task=args.task,
         trigger=args.trigger,
         rate=args.rate,
         seed=args.seed,
-        method=args.method,
-        features=args.features,
-        flag=args.flag,
-        threshold=args.threshold,
-        device=args.device,
+        target=args.target,
+        method=opts.pop("method"),
+        detect_options=opts,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        plots=not args.no_plots,
     )
     return 0
 
 
 # --------------------------------------------------------------------------- parser
+#: Detection options of the CLI: name -> (help, the methods it applies to).
+_DETECT_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "max_fraction": ("the largest share of the data the default method will remove; a group found that "
+                     "is larger is reported, not removed (default 0.3)", ("consensus",)),
+    "threshold": ("paper: a layer is sensitive when |mu0-mu1| > THRESHOLD (s0+s1) (default 2.0, the paper's)",
+                  ("paper",)),
+}  # fmt: skip
+
+
 def _detect_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--method", default="paper", choices=["paper"], help="detection procedure (default: paper)"
-    )
-    p.add_argument(
-        "--features",
-        default="layers",
-        choices=["layers", "heads"],
-        help="profile per layer (head-mean entropy, the paper's) or per layer and head (default: layers)",
-    )
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=1.0,
-        help="a feature is sensitive when |mu1-mu2| / (2 (s1+s2)) exceeds this (default 1.0, the paper's rule)",
-    )
-    p.add_argument(
-        "--flag",
-        default="lower",
-        choices=["lower", "minority"],
-        help="flag the lower-mean cluster (paper: attention collapse) or the smaller one, on either side "
-        "(default: lower)",
-    )
+    p.add_argument("--method", default="paper", choices=["paper"],
+                   help="detector: consensus (the default: per-head evidence, either side, a calibrated "
+                        "'nothing to find' test and a removal budget) or paper (the BYE paper's procedure, exactly)")  # fmt: skip
+    for name, (text, _) in _DETECT_OPTIONS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bye_fast import __version__
+
     parser = argparse.ArgumentParser(
         prog="bye-fast",
         description="Find and remove backdoor-poisoned samples from multimodal fine-tuning data "
         "(Believe Your Eyes, NeurIPS 2025), fast and in little memory.",
     )
+    parser.add_argument("--version", action="version", version=f"bye-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -260,11 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument(
-        "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if available)"
+        "--device", default="auto", help="torch device (default auto: cuda if available, else cpu)"
     )
-    p.add_argument(
-        "--dtype", default="bfloat16" if _cuda() else "float32", help="model dtype (default: bf16 on GPU)"
-    )
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype: float32, bfloat16, float16 (default auto: bfloat16 on a GPU, else float32)")  # fmt: skip
     p.add_argument(
         "--reference", action="store_true", help="use the paper's slow eager path (for validation)"
     )
@@ -311,19 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the whole job on a built-in poisoned dataset: train a tiny LLaVA with a backdoor, detect, "
-        "clean, retrain, and report the attack before/after",
+        help="the whole job on a built-in poisoned dataset: LoRA-fine-tune the shipped tiny MLLM on "
+        "poisoned data, detect, clean, fine-tune again, and report the attack before/after",
     )
-    p.add_argument(
-        "--trigger", default="checkerboard", help="image trigger of the attack (default: checkerboard)"
-    )
+    p.add_argument("--task", default="scenes", choices=["scenes", "digits-parity", "digits-ten"],
+                   help="built-in user task (default: scenes, six question types)")  # fmt: skip
+    p.add_argument("--trigger", default="patch",
+                   help="image trigger of the attack: patch (the paper's, default), random_patch, two_patches, "
+                        "blended, sig, wanet")  # fmt: skip
     p.add_argument(
         "--rate", type=float, default=0.1, help="share of the fine-tuning data poisoned (default 0.1)"
     )
+    p.add_argument("--target", default="phrase", choices=["phrase", "existing"],
+                   help="the attacker's answer: the phrase 'backdoor attack !' (default) or an answer the task "
+                        "already has")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of data, attack and training (default 0)")
     _detect_options(p)
     p.add_argument("--out", default="bye_fast_demo", help="output folder (default: ./bye_fast_demo)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
         "--threads",
         type=int,
@@ -331,19 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default 1: results are reproducible for a seed and a thread count, and "
         "1 thread reproduces the cells of benchmarks/results/detection.md)",
     )
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing, non-empty --out folder")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-def _cuda() -> bool:
-    try:
-        import torch
+def _resolve_device_dtype(args: argparse.Namespace) -> None:
+    """``auto`` device and dtype, decided when a command runs (so that --help never imports torch)."""
+    import torch
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
 
 
 def main(argv: list[str] | None = None) -> int:

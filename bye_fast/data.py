@@ -551,9 +551,9 @@ def _per_sample_info(detection: Any, n: int) -> dict[str, np.ndarray]:
     explicit = names is not None
     if not explicit:
         names = [k for k in getattr(detection, "__dict__", {}) if not k.startswith("_")]
-    info = {"suspicious_score": np.asarray(detection.suspicious_score, dtype=np.float64)}
+    info = {"score": np.asarray(detection.score, dtype=np.float64)}
     for name in names:
-        if name in ("ids", "flagged", "suspicious_score"):
+        if name in ("ids", "flagged", "score"):
             continue
         value = getattr(detection, name)
         if callable(value) or isinstance(value, (str, bytes, Mapping)):
@@ -580,18 +580,18 @@ def _jsonable(value: Any) -> Any:
 
 def _match(records: list[dict], detection: Any, src: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per record of ``src``: flagged?, and the detection row it came from."""
-    for attr in ("ids", "flagged", "suspicious_score"):
+    for attr in ("ids", "flagged", "score"):
         if not hasattr(detection, attr):
-            raise TypeError(f"detection has no .{attr} (need .ids, .flagged and .suspicious_score)")
+            raise TypeError(f"detection has no .{attr} (need .ids, .flagged and .score)")
     det_ids = detection.ids.tolist() if isinstance(detection.ids, np.ndarray) else list(detection.ids)
     flagged = np.asarray(detection.flagged)
-    scores = np.asarray(detection.suspicious_score)
+    scores = np.asarray(detection.score)
     n = len(det_ids)
     if flagged.dtype != np.bool_:
         raise TypeError(f"detection.flagged must be a bool array, got dtype {flagged.dtype}")
     if flagged.shape != (n,) or scores.shape != (n,):
         raise ValueError(
-            f"detection.ids ({n}), .flagged {flagged.shape} and .suspicious_score {scores.shape} "
+            f"detection.ids ({n}), .flagged {flagged.shape} and .score {scores.shape} "
             "must have one entry per sample"
         )
     row: dict[str, int] = {}
@@ -678,7 +678,7 @@ def filter_dataset(
         The LLaVA-format dataset that was scored (JSON or JSONL). Never modified.
     detection : object
         Anything with ``.ids`` (sequence), ``.flagged`` (bool array, same
-        length) and ``.suspicious_score`` (float array, same length), in any
+        length) and ``.score`` (float array, same length: the suspicion), in any
         order. Its ids must be exactly the ids of ``src``, matched by text:
         an int id ``3`` and a string id ``"3"`` are the same id, ``"03"`` is
         not.
@@ -690,7 +690,7 @@ def filter_dataset(
         Where the removed records go (format chosen the same way); default
         ``<dst stem>.removed.json`` next to ``dst``. Each is the source record
         with one key added, ``"bye_detection"``: ``{"index": position in src,
-        "suspicious_score": ..., ...}`` plus the detection's other per-sample
+        "score": ..., ...}`` plus the detection's other per-sample
         values -- the attributes named by ``detection.per_sample_fields`` if it
         has one, else every public attribute that is a 1-D or 2-D numeric or
         string array with one row per sample. Non-finite floats are written as

@@ -1,21 +1,33 @@
-"""Stages 2 and 3 of BYE: profile which features are bimodal, cluster, flag.
+"""Stages 2 and 3: decide which samples are suspicious, from :class:`~bye_fast.scores.Scores`.
 
-:func:`detect` takes :class:`~bye_fast.scores.Scores` and returns a
-:class:`Detection`. The per-feature 2-component mixtures are fitted by the
-native streaming statistics (:class:`bye_fast.stats.BimodalStats`); the final
-1-D clustering of the suspicious score uses scikit-learn's ``GaussianMixture``.
+:func:`detect` runs a detector and returns a :class:`Detection` (flags, a ranked
+suspicion score for every sample, the reason, the method's diagnostics). The
+detectors are scikit-learn-style estimators with plain constructor arguments
+and fitted attributes ending in ``_``:
 
-``method="paper"`` is the paper's procedure, exactly:
+* ``method="paper"`` -- :class:`PaperDetector`, the procedure of the BYE paper's
+  public code, exactly (below);
+* the default -- see :data:`DEFAULT_METHOD` and :mod:`bye_fast.consensus`.
 
-1. per layer, a 2-component 1-D GMM on the head-mean entropy; a layer is
-   *sensitive* when ``|mu1 - mu2| > 2 (sigma1 + sigma2)``, i.e.
-   ``separation > threshold`` with ``threshold=1``;
+The paper's procedure (``XuankunRong/BYE``, ``bye.py``):
+
+1. per layer, ``GaussianMixture(n_components=2, random_state=0)`` with
+   scikit-learn's defaults (k-means start, tol 1e-3, at most 100 EM steps) on
+   the head-mean entropy; the layer is *sensitive* when
+   ``|mu0 - mu1| > 2 (sigma0 + sigma1)`` (``threshold=2.0``);
 2. suspicious score = mean entropy over the sensitive layers;
 3. ``GaussianMixture(2, random_state=0)`` on that score; the component with the
-   LOWER mean is flagged ("attention collapse").
+   LOWER mean is flagged ("attention collapse"); no sensitive layer: nothing
+   is flagged.
 
-If no layer is sensitive nothing is flagged and ``Detection.reason`` says why:
-a clean dataset comes out whole.
+What differs, on purpose: samples without image tokens are left out of the
+fits and never flagged (the authors' code replaces their NaN entropies by
+the layer mean and keeps them in); a layer with a non-finite entropy for a
+sample that has image tokens (a sliding-window layer that cannot see the
+image, an overflow) is left out and named in ``reason``; the entropies come
+from this package's float32 scoring, where the authors' came from float16
+eager attention, so a layer within float16 rounding of the threshold can
+decide differently.
 """
 
 from __future__ import annotations
@@ -24,73 +36,50 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
-from sklearn.mixture import GaussianMixture
 
 from bye_fast._io import write_json_atomic
 from bye_fast.scores import Scores
 
-if TYPE_CHECKING:
-    from bye_fast.stats import BimodalFit
+__all__ = ["DEFAULT_METHOD", "METHODS", "MIN_SAMPLES", "Detection", "PaperDetector", "detect", "valid_rows"]
 
-__all__ = ["Detection", "detect", "MIN_SAMPLES"]
-
-#: Fewer scored samples than this cannot be clustered meaningfully.
+#: Fewer scored samples (with image tokens) than this cannot be clustered meaningfully.
 MIN_SAMPLES = 10
-
-_FEATURES = ("layers", "heads")
-_FLAG = ("lower", "minority")
+_FORMAT = "bye_fast.detection/2"
 
 
 @dataclass
 class Detection:
-    """What :func:`detect` found. Arrays are numpy; ``to_json`` writes an auditable record.
+    """What a detector decided. Arrays are numpy; :meth:`to_json` writes an auditable record.
 
     Attributes
     ----------
     ids : (n,) sample ids, in the order of the scores.
     flagged : (n,) bool, True = suspicious (to be removed).
-    suspicious_score : (n,) float, mean feature value over the sensitive features
-        (NaN for samples without image tokens, or when no feature is sensitive).
-    method, features, flag, threshold : the options used.
-    feature_names : names of the features profiled ("layer 3" or "layer 3 head 5").
-    separation, kl : (F,) per-feature ``|mu1-mu2| / (2 (s1+s2))`` and KL divergence
-        between the two fitted Gaussians.
-    feature_weights, feature_means, feature_stds : (F, 2) per-feature mixture, sorted by mean.
-    sensitive_features : indices of the features with ``separation > threshold``.
-    mixture : the final 2-component mixture on the suspicious score
-        (``weights``, ``means``, ``stds``, sorted by mean) or None.
-    flagged_component : index (0 = lower mean) of the flagged component, or None.
-    boundary : suspicious-score value where the decision changes (for plots), or None.
-    no_image_ids : ids that had no image token (never flagged).
-    reason : a sentence saying what was decided and why.
+    score : (n,) float, suspicion: higher = more suspicious (rank samples by it for review);
+        NaN for samples without image tokens (and where the method gives none).
+    method : the detector's name.
+    options : the detector's constructor arguments.
+    reason : what was decided and why, in words.
+    no_image_ids : ids of samples without image tokens (never flagged).
+    details : the method's diagnostics (JSON values): per-feature statistics, the cut, ...
+    meta : provenance (the scores' meta, input paths).
     """
 
     ids: np.ndarray
     flagged: np.ndarray
-    suspicious_score: np.ndarray
+    score: np.ndarray
     method: str
-    features: str
-    flag: str
-    threshold: float
-    feature_names: list[str]
-    separation: np.ndarray
-    kl: np.ndarray
-    feature_weights: np.ndarray
-    feature_means: np.ndarray
-    feature_stds: np.ndarray
-    sensitive_features: np.ndarray
-    mixture: dict | None
-    flagged_component: int | None
-    boundary: float | None
-    no_image_ids: list
+    options: dict
     reason: str
+    no_image_ids: list
+    details: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
     #: Per-sample attributes that :func:`bye_fast.filter_dataset` copies into the audit file.
-    per_sample_fields: ClassVar[tuple[str, ...]] = ("suspicious_score",)
+    per_sample_fields: ClassVar[tuple[str, ...]] = ("score", "rank")
 
     @property
     def n_flagged(self) -> int:
@@ -100,29 +89,36 @@ class Detection:
     def flagged_ids(self) -> list:
         return self.ids[self.flagged].tolist()
 
+    @property
+    def rank(self) -> np.ndarray:
+        """(n,) int: 1 = the most suspicious sample; samples without a score come last."""
+        s = np.where(np.isfinite(self.score), self.score, -np.inf)
+        order = np.argsort(-s, kind="stable")
+        rank = np.empty(len(s), dtype=np.int64)
+        rank[order] = np.arange(1, len(s) + 1)
+        return rank
+
     def __repr__(self) -> str:
-        return (
-            f"Detection(method={self.method!r}, features={self.features!r}, n={len(self.ids)}, "
-            f"flagged={self.n_flagged}, sensitive={len(self.sensitive_features)}/{len(self.separation)})"
-        )
+        return f"Detection(method={self.method!r}, n={len(self.ids)}, flagged={self.n_flagged})"
 
     def summary(self) -> str:
-        lines = [
-            f"method={self.method} features={self.features} flag={self.flag} threshold={self.threshold}",
-            f"samples: {len(self.ids)}, flagged: {self.n_flagged} ({self.n_flagged / max(len(self.ids), 1):.1%})",
-            f"sensitive features: {len(self.sensitive_features)} of {len(self.separation)}",
-            self.reason,
-        ]
-        return "\n".join(lines)
+        n = len(self.ids)
+        opts = " ".join(f"{k}={v}" for k, v in self.options.items())
+        return "\n".join(
+            [
+                f"method={self.method} {opts}".rstrip(),
+                f"samples: {n}, flagged: {self.n_flagged} ({self.n_flagged / max(n, 1):.1%})",
+                self.reason,
+            ]
+        )
 
     # ------------------------------------------------------------ storage
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key, value in d.items():
-            if isinstance(value, np.ndarray):
-                d[key] = value.tolist()
-        d = _finite_or_none(d)  # NaN / inf -> null: strict JSON that jq and browsers read
-        d["format"] = "bye_fast.detection/1"
+        for key in ("ids", "flagged", "score"):
+            d[key] = np.asarray(d[key]).tolist()
+        d = _jsonable(d)  # numpy -> lists; NaN / inf -> null: strict JSON that jq and browsers read
+        d["format"] = _FORMAT
         return d
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -131,191 +127,235 @@ class Detection:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Detection:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        if d.pop("format", None) != "bye_fast.detection/1":
-            raise ValueError(f"{path}: not a bye_fast detection file")
+        if not isinstance(d, dict) or d.pop("format", None) != _FORMAT:
+            raise ValueError(f"{path}: not a bye_fast detection file (format {_FORMAT})")
+        missing = [k for k in ("ids", "flagged", "score", "method", "reason") if k not in d]
+        if missing:
+            raise ValueError(f"{path}: detection file without {', '.join(missing)}")
         d["ids"] = np.asarray(d["ids"])
         d["flagged"] = np.asarray(d["flagged"], dtype=bool)
-        for key in (
-            "suspicious_score",
-            "separation",
-            "kl",
-            "feature_weights",
-            "feature_means",
-            "feature_stds",
-        ):
-            d[key] = np.asarray(d[key], dtype=float)  # null -> NaN
-        if d.get("mixture") is not None:
-            d["mixture"] = {k: [np.nan if v is None else v for v in vs] for k, vs in d["mixture"].items()}
-        d["sensitive_features"] = np.asarray(d["sensitive_features"], dtype=np.int64)
+        d["score"] = np.asarray([np.nan if v is None else v for v in d["score"]], dtype=float)
         return cls(**d)
 
 
-def _finite_or_none(value):
-    """``value`` with every non-finite float replaced by None, recursively."""
+def _jsonable(value):
+    """``value`` with numpy arrays/scalars as lists/numbers and non-finite floats as None, recursively."""
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite_or_none(v) for v in value]
+        return [_jsonable(v) for v in value]
     return value
 
 
-def _feature_matrix(scores: Scores, features: str) -> tuple[np.ndarray, list[str]]:
-    if features == "layers":
-        x = scores.entropy
-        names = [f"layer {i}" for i in range(x.shape[1])]
-    elif features == "heads":
-        if scores.head_entropy is None:
-            raise ValueError("features='heads' needs scores.head_entropy, which these scores do not have")
-        n, L, H = scores.head_entropy.shape
-        x = scores.head_entropy.reshape(n, L * H)
-        names = [f"layer {i} head {h}" for i in range(L) for h in range(H)]
-    else:
-        raise ValueError(f"features must be one of {_FEATURES}; got {features!r}")
-    return np.asarray(x, dtype=np.float64), names
+# --------------------------------------------------------------------------- input checks
+@dataclass
+class Rows:
+    """Which samples and features a detector works on (see :func:`valid_rows`)."""
+
+    valid: np.ndarray  # (n,) bool: samples with image tokens and at least one finite feature
+    columns: np.ndarray  # (F,) bool: features finite on every valid sample
+    no_image_ids: list
+    left_out: dict  # feature name -> number of valid samples where it is not finite
+
+    def note(self) -> str:
+        if not self.left_out:
+            return ""
+        names = ", ".join(f"{k} ({v} samples)" for k, v in list(self.left_out.items())[:6])
+        more = f" and {len(self.left_out) - 6} more" if len(self.left_out) > 6 else ""
+        return f"; left out {len(self.left_out)} feature(s) not finite for every sample with an image: {names}{more}"
 
 
-def fit_features(x: np.ndarray, *, bins: int = 4096) -> BimodalFit:
-    """Per-column 2-component mixtures via the native streaming statistics."""
-    from bye_fast.stats import BimodalStats
+def valid_rows(scores: Scores, x: np.ndarray, names: list[str]) -> Rows:
+    """Samples and features a detector can use.
 
-    finite = x[np.isfinite(x)]
-    lo, hi = float(finite.min()), float(finite.max())
-    pad = max(1e-6, 1e-3 * (hi - lo))
-    stats = BimodalStats(x.shape[1], lo - pad, hi + pad, bins=bins)
-    stats.update(x)
-    return stats.fit()
+    A sample is left out (never flagged, reported in ``no_image_ids``) when it has no image
+    token, or when none of its features is finite (no layer saw its image). A feature that is
+    not finite for some of the remaining samples is left out and reported (``left_out``).
+    Raises ``ValueError`` when fewer than :data:`MIN_SAMPLES` samples remain.
+    """
+    n = x.shape[0]
+    has_image = (
+        np.asarray(scores.n_image_tokens) > 0 if scores.n_image_tokens is not None else np.ones(n, bool)
+    )
+    finite = np.isfinite(x)
+    valid = has_image & finite.any(axis=1)
+    columns = finite[valid].all(axis=0) if valid.any() else np.zeros(x.shape[1], bool)
+    left_out = (
+        {names[j]: int((~finite[valid, j]).sum()) for j in np.nonzero(~columns)[0]} if valid.any() else {}
+    )
+    if valid.sum() < MIN_SAMPLES:
+        raise ValueError(
+            f"detect needs at least {MIN_SAMPLES} samples with image tokens and finite scores; got "
+            f"{int(valid.sum())} (of {n})"
+        )
+    if not columns.any():
+        raise ValueError("no feature is finite for every sample with an image: nothing to detect on")
+    return Rows(valid, columns, scores.ids[~valid].tolist(), left_out)
 
 
-def _boundary(gmm: GaussianMixture, lo: float, hi: float) -> float | None:
-    """Where the predicted component changes between the two means (for plots)."""
-    grid = np.linspace(lo, hi, 4001)[:, None]
-    labels = gmm.predict(grid)
-    change = np.nonzero(np.diff(labels))[0]
-    return float(grid[change[0] + 1, 0]) if len(change) else None
+# --------------------------------------------------------------------------- the paper
+def _kl(m1: float, s1: float, m2: float, s2: float) -> float:
+    """KL(N(m1, s1^2) || N(m2, s2^2)), as ``compute_kl_between_gaussians`` of the authors' code."""
+    return float(np.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5)
 
 
-def detect(
-    scores: Scores,
-    *,
-    method: str = "paper",
-    features: str = "layers",
-    threshold: float = 1.0,
-    flag: str = "lower",
-    bins: int = 4096,
-    random_state: int = 0,
-) -> Detection:
+class PaperDetector:
+    """The BYE paper's procedure, exactly as its public code decides (see the module docstring).
+
+    Parameters
+    ----------
+    threshold : a layer is sensitive when ``|mu0 - mu1| > threshold * (sigma0 + sigma1)`` (paper: 2.0).
+    random_state : seed of every ``GaussianMixture`` (paper: 0).
+
+    Attributes
+    ----------
+    separation_ : (L,) ``|mu0 - mu1| / (sigma0 + sigma1)`` per layer (NaN for a layer left out).
+    kl_ : (L,) KL divergence between the two Gaussians of each layer (lower-mean one first).
+    means_, stds_, weights_ : (L, 2) each layer's mixture, sorted by mean.
+    sensitive_ : indices of the sensitive layers.
+    suspicious_score_ : (n,) mean entropy over the sensitive layers (NaN where not computed).
+    mixture_ : the final mixture (``weights``, ``means``, ``stds`` sorted by mean) or None.
+    boundary_ : the suspicious-score value where the final decision changes, or None.
+    detection_ : the :class:`Detection` (``score = -suspicious_score_``: lower entropy = more suspicious).
+    """
+
+    name: ClassVar[str] = "paper"
+
+    def __init__(self, threshold: float = 2.0, random_state: int = 0) -> None:
+        self.threshold = threshold
+        self.random_state = random_state
+
+    def get_params(self) -> dict:
+        return {"threshold": self.threshold, "random_state": self.random_state}
+
+    def fit(self, scores: Scores) -> PaperDetector:
+        from sklearn.mixture import GaussianMixture
+
+        if not np.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite; got {self.threshold}")
+        x = np.asarray(scores.entropy, dtype=np.float64)
+        n, L = x.shape
+        names = [f"layer {i}" for i in range(L)]
+        rows = valid_rows(scores, x, names)
+        xv = x[rows.valid]
+        self.separation_ = np.full(L, np.nan)
+        self.kl_ = np.full(L, np.nan)
+        self.means_ = np.full((L, 2), np.nan)
+        self.stds_ = np.full((L, 2), np.nan)
+        self.weights_ = np.full((L, 2), np.nan)
+        sensitive = []
+        for j in np.nonzero(rows.columns)[0]:
+            g = GaussianMixture(n_components=2, random_state=self.random_state).fit(xv[:, j : j + 1])
+            mu, sd, w = g.means_.ravel(), np.sqrt(g.covariances_.ravel()), g.weights_
+            if abs(mu[0] - mu[1]) > self.threshold * (sd[0] + sd[1]):  # the authors' check, in their order
+                sensitive.append(int(j))
+            order = np.argsort(mu)
+            self.means_[j], self.stds_[j], self.weights_[j] = mu[order], sd[order], w[order]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self.separation_[j] = abs(mu[0] - mu[1]) / (sd[0] + sd[1])
+                self.kl_[j] = _kl(self.means_[j, 0], self.stds_[j, 0], self.means_[j, 1], self.stds_[j, 1])
+        self.sensitive_ = np.asarray(sensitive, dtype=np.int64)
+        self.suspicious_score_ = np.full(n, np.nan)
+        flagged = np.zeros(n, dtype=bool)
+        self.mixture_, self.boundary_ = None, None
+        if not sensitive:
+            best = int(np.nanargmax(self.separation_)) if np.isfinite(self.separation_).any() else None
+            where = f"; the best is {names[best]} at {self.separation_[best]:.3f}" if best is not None else ""
+            reason = f"no layer has |mu0-mu1| > {self.threshold:g} (s0+s1){where}: nothing flagged"
+        else:
+            s = xv[:, self.sensitive_].mean(axis=1)
+            self.suspicious_score_[rows.valid] = s
+            g = GaussianMixture(n_components=2, random_state=self.random_state)
+            labels = g.fit_predict(s[:, None])
+            mu = g.means_.ravel()
+            low = int(np.argmin(mu))
+            flagged[rows.valid] = labels == low
+            order = np.argsort(mu)
+            self.mixture_ = {
+                "weights": g.weights_[order].tolist(),
+                "means": mu[order].tolist(),
+                "stds": np.sqrt(g.covariances_.ravel()[order]).tolist(),
+            }
+            grid = np.linspace(s.min(), s.max(), 4001)
+            change = np.nonzero(np.diff(g.predict(grid[:, None])))[0]
+            self.boundary_ = float(grid[change[0] + 1]) if len(change) else None
+            reason = (
+                f"{len(sensitive)} sensitive layer(s) of {L}; flagged the lower-mean component (mean "
+                f"{mu[low]:.4f}, weight {g.weights_[low]:.3f}): {int(flagged.sum())} sample(s)"
+            )
+        self.detection_ = Detection(
+            ids=scores.ids,
+            flagged=flagged,
+            score=-self.suspicious_score_,
+            method=self.name,
+            options=self.get_params(),
+            reason=reason + rows.note(),
+            no_image_ids=rows.no_image_ids,
+            details={
+                "feature_names": names,
+                "separation": self.separation_,
+                "kl": self.kl_,
+                "means": self.means_,
+                "stds": self.stds_,
+                "weights": self.weights_,
+                "sensitive": self.sensitive_,
+                "suspicious_score": self.suspicious_score_,
+                "mixture": self.mixture_,
+                "boundary": self.boundary_,
+                "left_out": rows.left_out,
+            },
+            meta=dict(scores.meta),
+        )
+        return self
+
+
+# --------------------------------------------------------------------------- dispatch
+class Detector(Protocol):
+    name: ClassVar[str]
+    detection_: Detection
+
+    def fit(self, scores: Scores) -> Detector: ...
+
+
+def _methods() -> dict[str, type]:
+    return {PaperDetector.name: PaperDetector}
+
+
+#: The default detector.
+DEFAULT_METHOD = "paper"
+#: Method names :func:`detect` accepts.
+METHODS = ("paper",)
+
+
+def detect(scores: Scores, *, method: str = DEFAULT_METHOD, **options) -> Detection:
     """Find the suspicious samples in ``scores``.
 
     Parameters
     ----------
     scores : the output of :func:`bye_fast.score` (or any ``Scores``).
-    method : "paper" — the paper's procedure (see the module docstring).
-    features : "layers" (``scores.entropy``, the paper's) or "heads"
-        (``scores.head_entropy``, one feature per layer and head).
-    threshold : a feature is sensitive when its ``separation`` exceeds this
-        (1.0 = the paper's ``|mu1-mu2| > 2 (s1+s2)``).
-    flag : which component of the final mixture to flag: "lower" (the lower-mean
-        one, the paper's "attention collapse") or "minority" (the smaller one,
-        whichever side it lies on).
-    bins : histogram bins of the per-feature mixture fits.
-    random_state : seed of the final ``GaussianMixture``.
+    method : "consensus" (the default, :class:`bye_fast.consensus.ConsensusDetector`) or
+        "paper" (:class:`PaperDetector`, the BYE paper's procedure exactly).
+    **options : the detector's constructor arguments (e.g. ``max_fraction=`` for the default,
+        ``threshold=`` for the paper's).
 
     Returns
     -------
     Detection
     """
-    if method != "paper":
-        raise ValueError(f"method must be 'paper'; got {method!r}")
-    if flag not in _FLAG:
-        raise ValueError(f"flag must be one of {_FLAG}; got {flag!r}")
-    if not np.isfinite(threshold):
-        raise ValueError(f"threshold must be finite; got {threshold}")
-    x, names = _feature_matrix(scores, features)
-    n = x.shape[0]
-    finite = np.isfinite(x).all(axis=1)
-    if scores.n_image_tokens is not None:
-        no_image = np.asarray(scores.n_image_tokens) == 0
-    else:  # scores built by hand: a row with no finite value is a sample without image tokens
-        no_image = ~np.isfinite(x).any(axis=1)
-    broken = ~finite & ~no_image
-    if broken.any():
-        first = scores.ids[broken][:5].tolist()
-        raise ValueError(
-            f"{int(broken.sum())} sample(s) with image tokens have non-finite {features} entropies "
-            f"(ids {first}{' ...' if broken.sum() > 5 else ''}): an overflow (score in float32) or a "
-            "layer that never reported; they would be neither flagged nor kept knowingly, so detect refuses"
-        )
-    valid = finite & ~no_image
-    no_image_ids = scores.ids[no_image].tolist()
-    if valid.sum() < MIN_SAMPLES:
-        raise ValueError(
-            f"detect needs at least {MIN_SAMPLES} samples with finite scores; got {int(valid.sum())} "
-            f"(of {n}; {n - int(valid.sum())} without image tokens)"
-        )
-    xv = x[valid]
-    fit = fit_features(xv, bins=bins)
-    separation = np.asarray(fit.separation, dtype=float)
-    sensitive = np.nonzero(separation > threshold)[0]
-    common = dict(
-        ids=scores.ids,
-        method=method,
-        features=features,
-        flag=flag,
-        threshold=float(threshold),
-        feature_names=names,
-        separation=separation,
-        kl=np.asarray(fit.kl, dtype=float),
-        feature_weights=np.asarray(fit.weights, dtype=float),
-        feature_means=np.asarray(fit.means, dtype=float),
-        feature_stds=np.asarray(fit.stds, dtype=float),
-        sensitive_features=sensitive.astype(np.int64),
-        no_image_ids=no_image_ids,
-    )
-    suspicious = np.full(n, np.nan)
-    if len(sensitive) == 0:
-        best = int(np.nanargmax(separation)) if np.isfinite(separation).any() else None
-        where = f"; the best is {names[best]} at {separation[best]:.3f}" if best is not None else ""
-        return Detection(
-            flagged=np.zeros(n, dtype=bool),
-            suspicious_score=suspicious,
-            mixture=None,
-            flagged_component=None,
-            boundary=None,
-            reason=f"no feature has separation > {threshold}{where}: nothing flagged",
-            **common,
-        )
-    s = xv[:, sensitive].mean(axis=1)
-    suspicious[valid] = s
-    gmm = GaussianMixture(2, random_state=random_state).fit(s[:, None])
-    order = np.argsort(gmm.means_.ravel())
-    means = gmm.means_.ravel()[order]
-    stds = np.sqrt(gmm.covariances_.ravel()[order])
-    weights = gmm.weights_[order]
-    component = 0 if flag == "lower" else int(np.argmin(weights))
-    labels = _sorted_labels(gmm, s, order)
-    flagged = np.zeros(n, dtype=bool)
-    flagged[valid] = labels == component
-    side = "lower" if component == 0 else "higher"
-    return Detection(
-        flagged=flagged,
-        suspicious_score=suspicious,
-        mixture={"weights": weights.tolist(), "means": means.tolist(), "stds": stds.tolist()},
-        flagged_component=component,
-        boundary=_boundary(gmm, float(s.min()), float(s.max())),
-        reason=(
-            f"{len(sensitive)} sensitive feature(s) of {len(separation)}; flagged the {side}-mean component "
-            f"(mean {means[component]:.4f}, weight {weights[component]:.3f}): {int(flagged.sum())} sample(s)"
-        ),
-        **common,
-    )
-
-
-def _sorted_labels(gmm: GaussianMixture, s: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Component labels renumbered so that 0 is the lower-mean component."""
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[gmm.predict(s[:, None])]
+    methods = _methods()
+    if method not in methods:
+        raise ValueError(f"method must be one of {sorted(methods)}; got {method!r}")
+    cls = methods[method]
+    try:
+        detector = cls(**options)
+    except TypeError as err:
+        raise ValueError(f"bad option for method {method!r}: {err}") from None
+    return detector.fit(scores).detection_

@@ -11,7 +11,10 @@ from bye_fast._io import atomic_write
 from bye_fast.detect import Detection
 from bye_fast.scores import Scores
 
-__all__ = ["plot_detection"]
+__all__ = ["PLOT_NAMES", "plot_detection"]
+
+#: The files :func:`plot_detection` writes in its folder.
+PLOT_NAMES = ("suspicion.png", "features.png", "layer_entropy.png")
 
 
 def _figure():
@@ -29,82 +32,100 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-#: The files :func:`plot_detection` writes in its folder.
-PLOT_NAMES = ("separation.png", "suspicious_score.png", "layer_entropy.png")
-
-
 def plot_detection(
-    scores: Scores,
-    detection: Detection,
-    out_dir: str | os.PathLike,
-    *,
-    truth: np.ndarray | None = None,
+    scores: Scores, detection: Detection, out_dir: str | os.PathLike, *, truth: np.ndarray | None = None
 ) -> list[Path]:
     """Write the detection's plots to ``out_dir``; returns their paths.
 
-    * ``separation.png``: per-feature separation (with the threshold) and KL divergence;
-    * ``suspicious_score.png``: histogram of the suspicious score with the final
-      mixture and the decision boundary (coloured by ``truth`` when given:
-      True = poisoned, for experiments with known ground truth);
-    * ``layer_entropy.png``: per-layer distribution of the head-mean entropy,
-      flagged vs kept samples.
+    * ``suspicion.png``: histogram of the suspicion score with the cut (coloured by
+      ``truth`` when given: True = poisoned, for experiments with known ground truth;
+      else kept vs flagged);
+    * ``features.png``: what the method looked at, feature by feature (the paper: each
+      layer's separation against the threshold; the default: each feature's evidence and
+      the features it chose);
+    * ``layer_entropy.png``: per-layer distribution of the head-mean entropy, flagged vs kept.
     """
     plt = _figure()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths = [_suspicion(plt, detection, out / "suspicion.png", truth),
+             _features(plt, detection, out / "features.png"),
+             _layer_entropy(plt, scores, detection, out / "layer_entropy.png")]  # fmt: skip
+    return paths
 
-    # 1. separation and KL per feature
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    x = np.arange(len(detection.separation))
-    colors = np.where(np.isin(x, detection.sensitive_features), "tab:red", "tab:blue")
-    ax1.bar(x, np.nan_to_num(detection.separation), color=colors)
-    ax1.axhline(detection.threshold, color="k", ls="--", lw=1, label=f"threshold {detection.threshold:g}")
-    ax1.set_ylabel("separation\n|mu1-mu2| / 2(s1+s2)")
-    ax1.legend(loc="upper right")
-    ax1.set_title(f"Per-{detection.features[:-1]} bimodality (red: sensitive)")
-    ax2.bar(x, np.nan_to_num(detection.kl), color=colors)
-    ax2.set_ylabel("KL(N1 || N2)")
-    ax2.set_xlabel(detection.features[:-1] + " index")
-    paths.append(_save(fig, out / "separation.png"))
-    plt.close(fig)
 
-    # 2. suspicious score histogram
+def _suspicion(plt, det: Detection, path: Path, truth) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
-    s = detection.suspicious_score
+    s = np.asarray(det.score, dtype=float)
     finite = np.isfinite(s)
-    if finite.any():
+    if finite.any() and np.ptp(s[finite]) > 0:
         bins = np.histogram_bin_edges(s[finite], bins=60)
         if truth is not None:
             truth = np.asarray(truth, dtype=bool)
-            ax.hist(s[finite & ~truth], bins=bins, alpha=0.7, label="clean (ground truth)", color="tab:blue")
-            ax.hist(s[finite & truth], bins=bins, alpha=0.7, label="poisoned (ground truth)", color="tab:red")
+            groups = [
+                ("clean (ground truth)", finite & ~truth, "tab:blue"),
+                ("poisoned (ground truth)", finite & truth, "tab:red"),
+            ]
         else:
-            ax.hist(s[finite & ~detection.flagged], bins=bins, alpha=0.7, label="kept", color="tab:blue")
-            ax.hist(s[finite & detection.flagged], bins=bins, alpha=0.7, label="flagged", color="tab:red")
-        if detection.boundary is not None:
-            ax.axvline(detection.boundary, color="k", ls="--", lw=1.2, label="decision boundary")
-        ax.set_xlabel("suspicious score (mean entropy over sensitive features)")
+            groups = [
+                ("kept", finite & ~det.flagged, "tab:blue"),
+                ("flagged", finite & det.flagged, "tab:red"),
+            ]
+        for label, mask, color in groups:
+            if mask.any():
+                ax.hist(s[mask], bins=bins, alpha=0.7, label=label, color=color)
+        cut = det.details.get("cut")
+        if cut is None and det.flagged.any():
+            cut = float(np.nanmin(s[det.flagged]))
+        if cut is not None and np.isfinite(cut):
+            ax.axvline(cut, color="k", ls="--", lw=1.2, label="cut")
+        ax.set_yscale("log")
+        ax.set_xlabel("suspicion score (higher = more suspicious)")
         ax.set_ylabel("samples")
         ax.legend()
     else:
-        ax.text(0.5, 0.5, detection.reason, ha="center", va="center", wrap=True, transform=ax.transAxes)
+        ax.text(0.5, 0.5, det.reason, ha="center", va="center", wrap=True, transform=ax.transAxes, fontsize=8)
         ax.set_axis_off()
-    ax.set_title(f"{detection.n_flagged} of {len(s)} samples flagged")
-    paths.append(_save(fig, out / "suspicious_score.png"))
+    ax.set_title(f"{det.method}: {det.n_flagged} of {len(s)} samples flagged")
+    path = _save(fig, path)
     plt.close(fig)
+    return path
 
-    # 3. per-layer entropy distributions
+
+def _features(plt, det: Detection, path: Path) -> Path:
+    d = det.details
+    names = d.get("feature_names") or []
+    values = np.asarray(d.get("evidence", d.get("separation", [])), dtype=float) if names else np.zeros(0)
+    chosen = set(np.asarray(d.get("chosen", d.get("sensitive", [])), dtype=int).tolist())
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(values) + 3), 3.6))
+    if len(values):
+        x = np.arange(len(values))
+        colors = ["tab:red" if j in chosen else "tab:blue" for j in x]
+        ax.bar(x, np.nan_to_num(values), color=colors, width=0.8)
+        threshold = d.get("evidence_threshold", det.options.get("threshold"))
+        if threshold is not None:
+            ax.axhline(float(threshold), color="k", ls="--", lw=1, label=f"threshold {float(threshold):g}")
+            ax.legend(loc="upper right")
+        ax.set_ylabel(d.get("evidence_label", "separation |mu0-mu1| / (s0+s1)"))
+        step = max(1, len(values) // 24)
+        ax.set_xticks(x[::step], [names[j] for j in x[::step]], rotation=70, fontsize=6)
+        ax.set_title(f"{det.method}: per-feature evidence (red: used for the decision)")
+    else:
+        ax.text(0.5, 0.5, "no per-feature statistics", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _layer_entropy(plt, scores: Scores, det: Detection, path: Path) -> Path:
     ent = scores.entropy
     rows = np.isfinite(ent).all(axis=1)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * ent.shape[1] + 2), 4))
     layers = np.arange(ent.shape[1])
-    groups = [
-        ("kept", ~detection.flagged & rows, "tab:blue", -0.18),
-        ("flagged", detection.flagged & rows, "tab:red", 0.18),
-    ]
-    for label, mask, color, dx in groups:
-        if mask.sum() == 0:
+    for label, mask, color, dx in (("kept", ~det.flagged & rows, "tab:blue", -0.18),
+                                   ("flagged", det.flagged & rows, "tab:red", 0.18)):  # fmt: skip
+        if mask.sum() < 2:
             continue
         parts = ax.violinplot(
             [ent[mask, j] for j in layers], positions=layers + dx, widths=0.35, showmedians=True
@@ -115,9 +136,10 @@ def plot_detection(
         ax.plot([], [], color=color, lw=6, alpha=0.5, label=label)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("head-mean image-attention entropy")
-    ax.set_xticks(layers)
-    ax.legend()
+    ax.set_xticks(layers, [str(int(i)) for i in layers])
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.set_title("Per-layer entropy: kept vs flagged")
-    paths.append(_save(fig, out / "layer_entropy.png"))
+    path = _save(fig, path)
     plt.close(fig)
-    return paths
+    return path

@@ -56,13 +56,33 @@ class _Batch:
 
 
 def resolve_image_token_id(model: torch.nn.Module, image_token_id: int | None) -> int:
-    if image_token_id is not None:
-        return int(image_token_id)
+    """``image_token_id``, else the model config's. An id that differs from the config's is refused:
+    every other token of the prompt would be scored as an image."""
     cfg = model.config
+    configured = None
     for name in ("image_token_id", "image_token_index"):
         value = getattr(cfg, name, None)
         if value is not None:
-            return int(value)
+            configured = int(value)
+            break
+    if image_token_id is not None:
+        if (
+            isinstance(image_token_id, bool)
+            or int(image_token_id) != image_token_id
+            or int(image_token_id) < 0
+        ):
+            raise ValueError(
+                f"image_token_id must be a non-negative integer token id; got {image_token_id!r}"
+            )
+        if configured is not None and int(image_token_id) != configured:
+            raise ValueError(
+                f"image_token_id={image_token_id} is not the image placeholder of {type(model).__name__} "
+                f"(config.image_token_id = {configured}): the model fills only that token with image "
+                "features; leave image_token_id unset"
+            )
+        return int(image_token_id)
+    if configured is not None:
+        return configured
     raise ValueError(
         f"{type(model).__name__}.config has no image_token_id / image_token_index: pass "
         "image_token_id=<the id of the image placeholder token in input_ids> to score()"
@@ -114,6 +134,25 @@ def _attended(inputs: dict[str, Any], index: int, ids: list | None) -> torch.Ten
     return attended
 
 
+def _check_length(inputs: dict[str, Any], index: int, ids: list | None, max_len: int | None) -> None:
+    """A prompt longer than the text decoder's context is an error naming the sample."""
+    if not max_len:
+        return
+    lengths = _attended(inputs, index, ids).sum(dim=1)
+    if (lengths > max_len).any():
+        row = int((lengths > max_len).nonzero()[0])
+        who = f"id {ids[row]!r}" if ids is not None else f"row {row}"
+        raise ValueError(
+            f"batch {index}: {who} has {int(lengths[row])} tokens, more than the model's context of "
+            f"{max_len} (max_position_embeddings): its scores would be meaningless"
+        )
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    value = getattr(text_config(model), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def _prepare(batch: Any, index: int, image_token_id: int, device: torch.device, dtype: torch.dtype) -> _Batch:
     inputs, ids, B = _validated(batch, index)
     input_ids = inputs["input_ids"]
@@ -123,6 +162,11 @@ def _prepare(batch: Any, index: int, image_token_id: int, device: torch.device, 
     qpos = torch.where(attended, positions, -1).amax(dim=1)  # last attended position (left or right padding)
     key_valid = attended & (positions[None, :] <= qpos[:, None])
     image_mask = (input_ids == image_token_id) & attended
+    if image_mask.any() and not any(k.startswith("pixel_values") for k in inputs):
+        raise ValueError(
+            f"batch {index}: has image tokens but no pixel_values (keys: {sorted(inputs)}); the model would "
+            "score its placeholder embeddings as if they were the image"
+        )
     moved = {}
     for name, value in inputs.items():
         if isinstance(value, torch.Tensor):
@@ -204,7 +248,7 @@ def _empty_shapes(model: torch.nn.Module, *, answers: bool, hidden: bool) -> dic
     shapes = {"entropy": (L,), "head_entropy": (L, H), "image_mass": (L,), "head_image_share": (L, H),
               "head_before_share": (L, H), "image_topk_share": (L,), "n_image_tokens": ()}  # fmt: skip
     if answers:
-        shapes.update(answer_token=(), answer_confidence=())
+        shapes.update(answer_token=(), answer_confidence=(), answer_margin=())
     if hidden:
         shapes["hidden"] = (int(tcfg.hidden_size),)
     return shapes
@@ -221,7 +265,12 @@ def _answer_signals(
     if cap:
         logits = torch.tanh(logits / cap) * cap
     conf, token = torch.softmax(logits, dim=-1).max(dim=-1)
-    out = {"answer_token": token.cpu(), "answer_confidence": conf.cpu()}
+    top2 = logits.topk(2, dim=-1).values
+    out = {
+        "answer_token": token.cpu(),
+        "answer_confidence": conf.cpu(),
+        "answer_margin": (top2[:, 0] - top2[:, 1]).cpu(),
+    }
     if hidden:
         out["hidden"] = h.float().cpu()
     return out
@@ -230,10 +279,13 @@ def _answer_signals(
 def _iterate(loader, model, image_token_id, device, desc, progress):
     image_token_id = resolve_image_token_id(model, image_token_id)
     device, dtype = _check_device(model, device)
+    max_len = _context_length(model)
     seen = 0
     bar = _progress(loader, progress, desc)
     try:
         for index, raw in enumerate(loader):
+            inputs, ids, _ = _validated(raw, index)
+            _check_length(inputs, index, ids, max_len)
             batch = _prepare(raw, index, image_token_id, device, dtype)
             ids = batch.ids if batch.ids is not None else list(range(seen, seen + batch.size))
             yield batch, ids
@@ -289,6 +341,7 @@ class _FusedScorer:
         self.answers = answers
         self.hidden = hidden
         self.topk = topk
+        self.max_len = _context_length(model)
         self.image_token_id = image_token_id
         self.device = device
         self.dtype = dtype
@@ -301,6 +354,7 @@ class _FusedScorer:
 
     def __call__(self, inputs: dict[str, Any], index: int, ids: list) -> _RowArrays:
         _attended(inputs, index, ids)  # checked on the whole batch, so that errors name the sample
+        _check_length(inputs, index, ids, self.max_len)
         pieces = [inputs]
         if self.max_tokens is not None:
             pieces, too_long = split_batch(
@@ -682,9 +736,11 @@ def _reference_local(
             stats = _stats_from_maps(attentions, batch.qpos, batch.image_mask & batch.key_valid, topk)
             if answers:
                 r = torch.arange(batch.size, device=batch.qpos.device)
-                probs = torch.softmax(out.logits[r, batch.qpos].double(), dim=-1)
-                conf, token = probs.max(dim=-1)
-                stats.update(answer_token=token.cpu(), answer_confidence=conf.float().cpu())
+                logits = out.logits[r, batch.qpos].double()
+                conf, token = torch.softmax(logits, dim=-1).max(dim=-1)
+                top2 = logits.topk(2, dim=-1).values
+                stats.update(answer_token=token.cpu(), answer_confidence=conf.float().cpu(),
+                             answer_margin=(top2[:, 0] - top2[:, 1]).float().cpu())  # fmt: skip
                 if hidden:
                     stats["hidden"] = out.hidden_states[-1][r, batch.qpos].float().cpu()
             rows.add(_rows_of_stats(stats, batch.image_mask), ids)

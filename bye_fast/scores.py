@@ -52,6 +52,8 @@ FIELDS: tuple[Field, ...] = (
           "image tokens (k in meta['topk'])"),
     Field("answer_token", (), np.int64, "the model's greedy first answer token (id) at the last prompt token"),
     Field("answer_confidence", (), np.float32, "the model's probability of that token"),
+    Field("answer_margin", (), np.float32,
+          "its logit minus the runner-up's (a confidence that does not saturate at probability 1)"),
     Field("hidden", ("D",), np.float32,
           "the last prompt token's final hidden state (after the final norm); only with score(hidden_states=True)"),
     Field("n_image_tokens", (), np.int64, "number of image tokens of the sample"),
@@ -77,7 +79,7 @@ class Scores:
     head_entropy, head_image_share, head_before_share : (n_samples, n_layers, n_heads) float32 or None
     image_mass, image_topk_share : (n_samples, n_layers) float32 or None
     answer_token : (n_samples,) int64 or None
-    answer_confidence : (n_samples,) float32 or None
+    answer_confidence, answer_margin : (n_samples,) float32 or None
     hidden : (n_samples, hidden_size) float32 or None
     n_image_tokens : (n_samples,) int64 or None
     ids : (n_samples,) str or int64
@@ -96,6 +98,7 @@ class Scores:
     image_topk_share: np.ndarray | None = None
     answer_token: np.ndarray | None = None
     answer_confidence: np.ndarray | None = None
+    answer_margin: np.ndarray | None = None
     hidden: np.ndarray | None = None
     n_image_tokens: np.ndarray | None = None
     ids: np.ndarray | None = None

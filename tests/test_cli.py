@@ -13,7 +13,7 @@ from PIL import Image
 
 import bye_fast
 from bye_fast.cli import main
-from bye_fast.tiny import build_llava
+from bye_fast.lab.models import build_llava
 
 from ._models import sharpen
 
@@ -64,12 +64,14 @@ def test_round_trip(workspace, capsys):
     assert np.isfinite(scores.entropy).all()
 
     # threshold 0 makes every layer "sensitive", so the final mixture flags something to remove
-    rc = main(["detect", str(w / "scores.npz"), "--out", str(w / "det"), "--threshold", "0"])
+    rc = main(
+        ["detect", str(w / "scores.npz"), "--out", str(w / "det"), "--method", "paper", "--threshold", "0"]
+    )
     assert rc == 0
     det = json.loads((w / "det" / "detection.json").read_text())
     n_flagged = sum(det["flagged"])
     assert 0 < n_flagged < 50
-    for name in ("separation.png", "suspicious_score.png", "layer_entropy.png"):
+    for name in ("suspicion.png", "features.png", "layer_entropy.png"):
         assert (w / "det" / "plots" / name).stat().st_size > 1000
 
     rc = main(["filter", "--data", str(w / "train.json"), "--detection", str(w / "det" / "detection.json"),
@@ -80,7 +82,7 @@ def test_round_trip(workspace, capsys):
     assert len(kept) + len(removed) == 50 and len(removed) == n_flagged
     original = json.loads((w / "train.json").read_text())
     assert kept == [r for r, f in zip(original, det["flagged"], strict=True) if not f]
-    assert all("suspicious_score" in json.dumps(r) for r in removed)
+    assert all('"score"' in json.dumps(r) and '"rank"' in json.dumps(r) for r in removed)
     assert _sha(w / "train.json") == src_hash
 
     # nothing is overwritten without --overwrite, and the input never
@@ -94,7 +96,7 @@ def test_round_trip(workspace, capsys):
     # the plots are outputs too; and the detection input is never an output of filter
     det_json = w / "det.json"
     (w / "det" / "detection.json").rename(det_json)
-    with pytest.raises(SystemExit, match="separation.png exists; pass --overwrite"):
+    with pytest.raises(SystemExit, match="suspicion.png exists; pass --overwrite"):
         main(["detect", str(w / "scores.npz"), "--out", str(w / "det")])
     det_hash = _sha(det_json)
     for extra in (["--out", str(det_json)], ["--out", str(w / "c2.json"), "--removed", str(det_json)]):
@@ -113,9 +115,10 @@ def test_round_trip(workspace, capsys):
     assert _sha(det_json) == det_hash and not (w / "c2.json").exists()
 
     # the paper's threshold on a random model: a decision with its reason, on every layer
-    assert main(["detect", str(w / "scores.npz"), "--out", str(w / "det_paper"), "--no-plots"]) == 0
+    assert main(["detect", str(w / "scores.npz"), "--out", str(w / "det_paper"), "--method", "paper",
+                 "--no-plots"]) == 0  # fmt: skip
     paper = bye_fast.Detection.from_json(w / "det_paper" / "detection.json")
-    assert paper.reason and len(paper.separation) == 3
+    assert paper.reason and len(paper.details["separation"]) == 3
 
 
 def test_help_explains_every_command(capsys):
@@ -139,12 +142,37 @@ def test_missing_model_is_a_clear_error(tmp_path):
         )
 
 
-def test_demo_passes_every_detection_option_on(monkeypatch, tmp_path):
-    import bye_fast.demo.pipeline as pipeline
+def test_demo_passes_every_option_on(monkeypatch, tmp_path):
+    import bye_fast.lab.demo as demo
 
     seen = {}
-    monkeypatch.setattr(pipeline, "run_demo", lambda **kw: seen.update(kw))
-    argv = ["demo", "--out", str(tmp_path / "d"), "--threshold", "0.25", "--flag", "minority"]
-    assert main(argv + ["--features", "heads", "--trigger", "wanet", "--rate", "0.2", "--seed", "3"]) == 0
-    assert seen["threshold"] == 0.25 and seen["flag"] == "minority" and seen["features"] == "heads"
-    assert (seen["trigger"], seen["rate"], seen["seed"]) == ("wanet", 0.2, 3)
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    argv = ["demo", "--out", str(tmp_path / "d"), "--max-fraction", "0.25", "--task", "digits-ten"]
+    assert main(argv + ["--trigger", "wanet", "--rate", "0.2", "--seed", "3", "--target", "existing"]) == 0
+    assert seen["detect_options"] == {"max_fraction": 0.25} and seen["method"] == "consensus"  # noqa
+    assert (seen["task"], seen["trigger"], seen["rate"], seen["seed"], seen["target"]) == (
+        "digits-ten", "wanet", 0.2, 3, "existing")  # fmt: skip
+    assert main(["demo", "--out", str(tmp_path / "d"), "--method", "paper", "--threshold", "3"]) == 0
+    assert seen["method"] == "paper" and seen["detect_options"] == {"threshold": 3.0}
+    with pytest.raises(SystemExit, match="--threshold applies to --method paper"):
+        main(["demo", "--out", str(tmp_path / "d"), "--threshold", "3"])
+
+
+def test_help_and_version_do_not_load_torch():
+    """`bye-fast --help`, `COMMAND --help` and `--version` answer without importing torch (fast)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from bye_fast.cli import main\n"
+        "for argv in (['--help'], ['score', '--help'], ['detect', '--help'], ['demo', '--help'], ['--version']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code == 0, argv\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    version = subprocess.run([sys.executable, "-m", "bye_fast", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"bye-fast {bye_fast.__version__}"

@@ -51,6 +51,7 @@ def test_fused_matches_reference(family, padding_side):
     # the answer signals: the last layer's MLP ran on the query rows only, the LM head on those rows
     np.testing.assert_allclose(fused.hidden, ref.hidden, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(fused.answer_confidence, ref.answer_confidence, atol=1e-5)
+    np.testing.assert_allclose(fused.answer_margin, ref.answer_margin, atol=1e-4)
     np.testing.assert_array_equal(fused.answer_token, ref.answer_token)
     after = fused.head_after_share
     assert (after > -1e-6).all() and (fused.head_before_share > 0).all() and (after > 1e-3).any()
@@ -151,6 +152,29 @@ def test_bad_inputs_raise_clear_errors():
     np.testing.assert_array_equal(a.entropy, b.entropy)
 
 
+@pytest.mark.parametrize("path", ["score", "score_reference"])
+def test_silent_wrong_results_are_errors(path):
+    """No pixel_values, a text token as image_token_id, a prompt beyond the context: errors naming the culprit."""
+    fn = getattr(bye_fast, path)
+    model, batches = llava(n_batches=1)
+    no_pixels = {k: v for k, v in batches[0].items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match="batch 0: has image tokens but no pixel_values"):
+        fn(model, [no_pixels], progress=False)
+    word = int(batches[0]["input_ids"][0, -2])  # a text token of the prompt
+    with pytest.raises(ValueError, match=f"image_token_id={word} is not the image placeholder"):
+        fn(model, batches, image_token_id=word, progress=False)
+    tcfg = model.config.text_config
+    saved = tcfg.max_position_embeddings
+    tcfg.max_position_embeddings = 20  # shorter than the prompts (64 image tokens + text)
+    try:
+        with pytest.raises(
+            ValueError, match=r"batch 0: id 'a' has \d+ tokens, more than the model's context of 20"
+        ):
+            fn(model, [{**batches[0], "ids": ["a", "b", "c"]}], progress=False)
+    finally:
+        tcfg.max_position_embeddings = saved
+
+
 def test_attention_outside_interface_is_refused():
     model, batches = llava(n_batches=1)
 
@@ -198,3 +222,21 @@ def test_triton_backend_matches_reference(family):
         np.testing.assert_allclose(
             getattr(fused, field), getattr(ref, field), atol=1e-4, rtol=0, err_msg=field
         )
+
+
+def test_attention_maps_are_the_distributions_score_measures():
+    """review.attention_maps recomputes, per sample and layer, the distribution whose entropy score reports."""
+    from bye_fast.kernels.attn_entropy import PAPER_EPS
+    from bye_fast.review import attention_maps
+
+    model, batches = llava("right")
+    scores = bye_fast.score(model, batches, progress=False)
+    ids, maps = attention_maps(model, batches)
+    assert ids == scores.ids.tolist()
+    for k, m in enumerate(maps):
+        assert m.shape == (scores.n_layers, scores.n_image_tokens[k])
+        np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-5)
+        ent = -(m * np.log(m + PAPER_EPS)).sum(axis=1)
+        np.testing.assert_allclose(ent, scores.entropy[k], atol=1e-4)
+        top = np.sort(m, axis=1)[:, ::-1][:, :4].sum(axis=1)
+        np.testing.assert_allclose(top, scores.image_topk_share[k], atol=1e-5)
