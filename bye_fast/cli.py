@@ -228,7 +228,7 @@ _DETECT_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def _detect_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="paper", choices=["paper"],
+    p.add_argument("--method", default="consensus", choices=["consensus", "paper"],
                    help="detector: consensus (the default: per-head evidence, either side, a calibrated "
                         "'nothing to find' test and a removal budget) or paper (the BYE paper's procedure, exactly)")  # fmt: skip
     for name, (text, _) in _DETECT_OPTIONS.items():

@@ -326,13 +326,15 @@ class Detector(Protocol):
 
 
 def _methods() -> dict[str, type]:
-    return {PaperDetector.name: PaperDetector}
+    from bye_fast.consensus import ConsensusDetector
+
+    return {ConsensusDetector.name: ConsensusDetector, PaperDetector.name: PaperDetector}
 
 
-#: The default detector.
-DEFAULT_METHOD = "paper"
+#: The default detector (:class:`bye_fast.consensus.ConsensusDetector`).
+DEFAULT_METHOD = "consensus"
 #: Method names :func:`detect` accepts.
-METHODS = ("paper",)
+METHODS = ("consensus", "paper")
 
 
 def detect(scores: Scores, *, method: str = DEFAULT_METHOD, **options) -> Detection:

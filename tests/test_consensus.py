@@ -1,0 +1,125 @@
+"""The default detector (bye_fast.consensus): its test is calibrated, it finds tight tail clusters on
+either side, leaves broad clean modes alone, respects its budget and explains itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bye_fast
+from bye_fast import Scores
+from bye_fast.consensus import ConsensusDetector, valley_scan, valley_scan_reference
+from bye_fast.detect import Detection
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_valley_scan_matches_its_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(30, 120))
+    y = np.round(rng.normal(size=n), 2)  # rounding makes ties
+    if seed % 2:
+        y[: n // 8] = 3 + rng.normal(0, 0.05, n // 8)  # a tail cluster
+    got = valley_scan(y, 5, n // 3)
+    want = valley_scan_reference(y, 5, n // 3)
+    assert got[1:] == want[1:]
+    assert got[0] == pytest.approx(want[0], abs=1e-9)
+
+
+@pytest.mark.parametrize("n", [10, 20, 40, 100, 400])
+def test_nothing_is_found_in_noise_at_any_size(n):
+    """Pure noise, 32 layers, 20 seeds: at most one run in 20 may flag anything (none does)."""
+    flagged_runs = 0
+    for seed in range(20):
+        x = np.random.default_rng(seed).normal(4.0, 0.3, size=(n, 32))
+        with pytest.warns(UserWarning, match="too few samples") if n < 10 else _nothing():
+            det = bye_fast.detect(Scores(entropy=x))
+        flagged_runs += det.n_flagged > 0
+    assert flagged_runs <= 1
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_too_few_samples_for_any_decision_warns():
+    x = np.random.default_rng(0).normal(size=(12, 4))  # 12 samples: no cluster of >= 5 fits in 30%
+    with pytest.warns(UserWarning, match="too few for any decision"):
+        det = bye_fast.detect(Scores(entropy=x))
+    assert det.n_flagged == 0
+
+
+def _poisoned(seed=0, n=800, rate=0.1, side=+1, layers=8, heads=4):
+    rng = np.random.default_rng(seed)
+    truth = rng.random(n) < rate
+    he = rng.normal(3.0, 0.4, size=(n, layers, heads))
+    he[truth, 5, 2] = 3.0 + side * 2.0 + rng.normal(0, 0.05, truth.sum())  # one head sees the trigger
+    he[truth, 5, 3] = 3.0 + side * 1.5 + rng.normal(0, 0.05, truth.sum())
+    return Scores(entropy=he.mean(-1), head_entropy=he, ids=[f"s{i}" for i in range(n)]), truth
+
+
+@pytest.mark.parametrize("side", [+1, -1])
+def test_finds_a_tight_cluster_on_either_side(side):
+    scores, truth = _poisoned(side=side)
+    det = bye_fast.detect(scores)
+    np.testing.assert_array_equal(det.flagged, truth)
+    assert det.details["clusters"][0]["side"] == ("high" if side > 0 else "low")
+    assert (
+        "layer 5 head 2" in det.details["clusters"][0]["lead"]
+        or "layer 5 head 3" in det.details["clusters"][0]["lead"]
+    )
+    # the suspicion score ranks every poisoned sample before every clean one
+    assert det.rank[truth].max() == truth.sum()
+
+
+def test_broad_clean_modes_are_left_alone():
+    """Two answer classes that attend differently (a binary task): no tail cluster, nothing removed."""
+    rng = np.random.default_rng(3)
+    n = 800
+    cls = rng.random(n) < 0.2
+    he = rng.normal(3.0, 0.4, size=(n, 8, 4))
+    he[cls] += 1.5  # a second, broad mode of 20%
+    det = bye_fast.detect(Scores(entropy=he.mean(-1), head_entropy=he))
+    assert det.n_flagged == 0 and det.reason.startswith("nothing to find")
+
+
+def test_a_cluster_larger_than_the_budget_is_reported_not_removed():
+    scores, truth = _poisoned(rate=0.4)
+    det = bye_fast.detect(scores, max_fraction=0.3)
+    assert det.n_flagged == 0 and det.details["too_large"]
+    assert "too large to be poison" in det.reason
+    assert bye_fast.detect(scores, max_fraction=0.5).n_flagged == truth.sum()
+
+
+def test_a_cluster_hidden_inside_an_answer_group_is_found_there():
+    """The poisoned samples answer "yes" like a third of the clean ones; only within that group do they
+    stand out (globally their head value is in the middle of the other groups')."""
+    rng = np.random.default_rng(5)
+    n = 900
+    answer = rng.integers(0, 3, n)  # three answer groups
+    truth = (answer == 1) & (rng.random(n) < 0.3)
+    he = rng.normal(0.0, 0.3, size=(n, 4, 2))
+    he[:, 0, 0] += np.array([-3.0, 0.0, 3.0])[answer]  # the groups differ a lot
+    he[truth, 0, 0] = 0.9 + rng.normal(0, 0.02, truth.sum())  # inside the middle group's spread
+    scores = Scores(entropy=he.mean(-1), head_entropy=he, answer_token=answer)
+    det = bye_fast.detect(scores)
+    assert [c["context"] for c in det.details["clusters"]] == ["answer token 1"]
+    assert det.flagged[truth].all() and (det.flagged & ~truth).sum() <= 0.05 * truth.sum()
+    assert bye_fast.detect(scores, groups=False).n_flagged == 0
+
+
+def test_detection_json_round_trip_and_options(tmp_path):
+    scores, _ = _poisoned()
+    det = bye_fast.detect(scores)
+    back = Detection.from_json(det.to_json(tmp_path / "d.json"))
+    np.testing.assert_array_equal(back.flagged, det.flagged)
+    np.testing.assert_allclose(back.score, det.score)
+    assert back.options == ConsensusDetector().get_params() and back.method == "consensus"
+    for bad in ({"max_fraction": 0.0}, {"max_fraction": 1.5}, {"alpha": 0.0}, {"min_cluster": 1}):
+        with pytest.raises(ValueError):
+            bye_fast.detect(scores, **bad)
+    with pytest.raises(ValueError, match="bad option"):
+        bye_fast.detect(scores, threshold=2.0)
