@@ -333,7 +333,7 @@ class ConsensusDetector:
         if not self.clusters_ and ranking:  # nothing significant: rank by the three strongest features
             ranking.sort(key=lambda r: -r[0])
             top = ranking[:3]
-            for _, side, idx, j, cut, z in top:
+            for _, side, idx, j, _cut, z in top:
                 score_v[idx] += np.tanh(side * z[:, j] / 10) / len(top) * 1e-3
         self.evidence_ = np.full(len(names), np.nan)
         self.evidence_[np.nonzero(rows.columns)[0]] = evidence
