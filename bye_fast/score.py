@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bye_fast.batching import halve, n_rows, split_batch
+from bye_fast.batching import halve, image_layout, n_rows, split_batch
 from bye_fast.checkpoint import ScoreCheckpoint
 from bye_fast.distributed import gather_scores, rank_and_world_size
 from bye_fast.hook import (
@@ -347,6 +347,7 @@ class _FusedScorer:
         self.dtype = dtype
         self.backend = backend
         self.max_tokens = max_tokens
+        self.layout = image_layout(model)
         self.bar = bar
         self.progress = progress
         self.oom_reported = False
@@ -358,7 +359,7 @@ class _FusedScorer:
         pieces = [inputs]
         if self.max_tokens is not None:
             pieces, too_long = split_batch(
-                inputs, self.max_tokens, image_token_id=self.image_token_id, index=index
+                inputs, self.max_tokens, image_token_id=self.image_token_id, index=index, layout=self.layout
             )
             if too_long and not self.long_row_reported:
                 self.long_row_reported = True
@@ -384,7 +385,7 @@ class _FusedScorer:
         self._report_oom(index, n_rows(piece))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        halves = halve(piece, image_token_id=self.image_token_id, index=index)
+        halves = halve(piece, image_token_id=self.image_token_id, index=index, layout=self.layout)
         return [r for half in halves for r in self._with_retry(half, index)]
 
     def _report_oom(self, index: int, rows: int) -> None:
