@@ -90,6 +90,7 @@ class BatchCollector:
     image_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     before_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     image_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    sees_image: dict[int, torch.Tensor] = field(default_factory=dict)
     _row_masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def key_valid_for(self, attention_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
@@ -129,12 +130,16 @@ class BatchCollector:
         self.image_mass[layer_idx] = stats.image_mass
         self.before_mass[layer_idx] = stats.before_mass
         self.image_attn[layer_idx] = stats.image_attn
+        # a sliding-window layer whose window ends before the image: nothing of the image to measure
+        self.sees_image[layer_idx] = (key_valid & self.image_mask.to(key_valid.device)).any(dim=1)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The layers stacked, float32 on CPU: ``entropy``, ``image_mass``, ``image_topk_share`` (B, L);
         ``head_entropy``, ``head_image_share``, ``head_before_share`` (B, L, H).
 
-        Layers that never reported (a non-attention layer, say) are NaN.
+        Layers that never reported (a non-attention layer, say) are NaN, and so is every statistic of a
+        sample in a layer whose query row cannot see any of its image tokens (a sliding window that
+        ends after the image): its ``head_before_share`` would otherwise read 1 and its image shares 0.
         """
         if not self.head_entropy:
             raise NotImplementedError(
@@ -164,6 +169,10 @@ class BatchCollector:
             stacked = torch.stack([self.image_attn[i] for i in present], dim=1)  # (B, Lp, N)
             out["entropy"][:, present] = head_mean_entropy(stacked)
             out["image_topk_share"][:, present] = topk_share(stacked, self.topk)
+            blind = torch.zeros(B, self.n_layers, dtype=torch.bool, device=ref.device)
+            blind[:, present] = ~torch.stack([self.sees_image[i].to(ref.device) for i in present], dim=1)
+            for value in out.values():
+                value[blind] = float("nan")
         return {k: v.float().cpu() for k, v in out.items()}
 
 

@@ -666,6 +666,9 @@ def _stats_from_maps(
         out["head_before_share"].append(torch.where(before[:, None, :].to(a.device), a, 0.0).sum(-1))
         top = torch.sort(p, dim=-1, descending=True).values[:, :topk].sum(-1)
         out["image_topk_share"].append(top)
+        blind = a_img.sum(dim=(1, 2)) == 0  # (B,): no attention on the image (e.g. outside a sliding window)
+        for v in out.values():
+            v[-1][blind.to(v[-1].device)] = float("nan")
     return {k: torch.stack(v, 1).float().cpu() for k, v in out.items()}
 
 

@@ -159,6 +159,17 @@ def gemma3_config(sliding_window: int = 512) -> Gemma3Config:
     )  # fmt: skip
 
 
+def gemma3_model(sliding_window: int = 512, seed: int = 0, layer_types: list[str] | None = None):
+    cfg = gemma3_config(sliding_window)
+    if layer_types is not None:
+        cfg.text_config.layer_types = layer_types
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration._from_config(cfg).eval()
+    with torch.no_grad():  # transformers initialises the projection to 0: every image token would look alike
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.5)
+    return sharpen(model)
+
+
 def gemma3_batch(rows: list[list[int]], padding_side: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     batch = pad_rows(rows, padding_side)
     batch["token_type_ids"] = (batch["input_ids"] == IMG).long()  # images attend to themselves bidirectionally
@@ -170,7 +181,7 @@ def gemma3_batch(rows: list[list[int]], padding_side: str, gen: torch.Generator)
 def gemma3(padding_side: str = "left", seed: int = 0, sliding_window: int = 512, suffix: int = 3):
     """Gemma 3: ``<start_of_image>`` + ``<image_soft_token>`` x 16 + ``<end_of_image>``; the soft tokens are the
     image. ``suffix`` text tokens follow the image (the prompt's length after it)."""
-    model = _built(Gemma3ForConditionalGeneration, gemma3_config(sliding_window), seed)
+    model = gemma3_model(sliding_window, seed)
     gen = torch.Generator().manual_seed(seed)
     image = [BEGIN] + [IMG] * GEMMA_TOKENS + [END]
     batches = []
