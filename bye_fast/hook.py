@@ -77,6 +77,7 @@ class BatchCollector:
     stop_after_last_layer : raise :class:`_StopForward` once layer ``n_layers-1`` is done.
     backend : kernel backend ("auto", "triton", "torch").
     topk : k of ``image_topk_share``.
+    model_name : the model's class name, for error messages.
     """
 
     qpos: torch.Tensor
@@ -86,6 +87,7 @@ class BatchCollector:
     stop_after_last_layer: bool = False
     backend: str = "auto"
     topk: int = 4
+    model_name: str = "the model"
     head_entropy: dict[int, torch.Tensor] = field(default_factory=dict)
     image_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     before_mass: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -143,8 +145,9 @@ class BatchCollector:
         """
         if not self.head_entropy:
             raise NotImplementedError(
-                "no decoder layer called the attention interface: this model's text attention does not go "
-                "through transformers' AttentionInterface, so the fused path cannot see it. "
+                f"{self.model_name}: no decoder layer called the attention interface: its text attention does "
+                "not go through transformers' AttentionInterface (or its attention modules have no layer_idx), "
+                "so the fused path cannot see it. "
                 "Use bye_fast.score_reference(model, loader) (eager attention, output_attentions=True)."
             )
         ref = next(iter(self.head_entropy.values()))
@@ -243,6 +246,12 @@ def attention_stats_hook(model: torch.nn.Module) -> Iterator[None]:
     text_cfg = text_config(model)
     with preserved_model_state(model):
         set_text_attn_implementation(model, text_cfg, ATTN_IMPLEMENTATION)
+        if text_cfg._attn_implementation != ATTN_IMPLEMENTATION:  # transformers only warns, and skips it
+            raise NotImplementedError(
+                f"{type(model).__name__}: its text decoder does not accept an attention implementation from "
+                "transformers' AttentionInterface (its attention does not follow the functional approach), so "
+                "the fused path cannot see it. Use bye_fast.score_reference(model, loader)."
+            )
         model.eval()
         yield
 

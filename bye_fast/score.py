@@ -413,6 +413,7 @@ class _FusedScorer:
             stop_after_last_layer=not self.answers,
             backend=self.backend,
             topk=self.topk,
+            model_name=type(self.model).__name__,
         )
         with collecting(collector):
             out = self.inner(**batch.inputs, use_cache=False)

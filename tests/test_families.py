@@ -11,7 +11,7 @@ import torch
 
 import bye_fast
 
-from ._families import BEGIN, END, GEMMA_TOKENS, IMG, _text, gemma3_batch, gemma3_model
+from ._families import BEGIN, END, GEMMA_TOKENS, IMG, TEXT, _text, gemma3_batch, gemma3_model
 
 FIELDS = ("entropy", "head_entropy", "image_mass", "head_image_share", "head_before_share", "image_topk_share")
 WINDOW = 8
@@ -63,3 +63,30 @@ def test_sample_blind_in_every_layer_is_a_sample_without_image():
     det = bye_fast.detect(scores, method="paper")
     assert det.no_image_ids == scores.ids[blind].tolist()
     assert not det.flagged[blind].any() and np.isnan(det.score[blind]).all()
+
+
+def test_unsupported_models_are_refused_by_name(monkeypatch):
+    """A model without an image token, or whose text attention bye_fast cannot plug into: errors naming its
+    class and what is missing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from ._models import llava
+
+    text_only = LlamaForCausalLM(LlamaConfig(**TEXT)).eval()
+    batch = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    for fn in (bye_fast.score, bye_fast.score_reference):
+        with pytest.raises(ValueError, match=r"LlamaForCausalLM\.config has no image_token_id / image_token_index"):
+            fn(text_only, [batch], progress=False)
+
+    model, batches = llava(n_batches=1)
+    monkeypatch.setattr(LlamaModel, "_can_set_attn_implementation_cached_value", False, raising=False)
+    with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration: its text decoder does not accept"):
+        bye_fast.score(model, batches, progress=False)
+    monkeypatch.undo()
+    assert model.config.text_config._attn_implementation == "sdpa"  # restored
+
+    for layer in model.model.language_model.layers:  # attention modules that do not say which layer they are
+        monkeypatch.setattr(layer.self_attn, "layer_idx", None)
+    with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration: no decoder layer called"):
+        bye_fast.score(model, batches, progress=False)
