@@ -125,15 +125,15 @@ class BatchCollector:
             )
         key_valid = self.key_valid_for(attention_mask, n_keys)
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        stats = attn_image_stats(
-            query, key, self.qpos, key_valid, self.image_mask, scale, backend=self.backend
-        )
-        self.head_entropy[layer_idx] = stats.head_entropy
-        self.image_mass[layer_idx] = stats.image_mass
-        self.before_mass[layer_idx] = stats.before_mass
-        self.image_attn[layer_idx] = stats.image_attn
+        home, here = self.qpos.device, query.device  # differ when a device map spreads the layers
+        qpos, key_valid, image_mask = (t.to(here) for t in (self.qpos, key_valid, self.image_mask))
+        stats = attn_image_stats(query, key, qpos, key_valid, image_mask, scale, backend=self.backend)
+        self.head_entropy[layer_idx] = stats.head_entropy.to(home)
+        self.image_mass[layer_idx] = stats.image_mass.to(home)
+        self.before_mass[layer_idx] = stats.before_mass.to(home)
+        self.image_attn[layer_idx] = stats.image_attn.to(home)
         # a sliding-window layer whose window ends before the image: nothing of the image to measure
-        self.sees_image[layer_idx] = (key_valid & self.image_mask.to(key_valid.device)).any(dim=1)
+        self.sees_image[layer_idx] = (key_valid & image_mask).any(dim=1).to(home)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The layers stacked, float32 on CPU: ``entropy``, ``image_mass``, ``image_topk_share`` (B, L);

@@ -90,9 +90,34 @@ def resolve_image_token_id(model: torch.nn.Module, image_token_id: int | None) -
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's inputs go, and its dtype: those of its first parameter.
+
+    A model dispatched by accelerate with offloading (``device_map="auto"`` with an offload folder,
+    ``dispatch_model``, ``cpu_offload``) keeps offloaded parameters on the ``meta`` device and loads them
+    at forward time; its inputs go to the execution device of its outermost accelerate hook.
+    """
     for p in model.parameters():
-        return p.device, p.dtype
+        if p.device.type != "meta":
+            return p.device, p.dtype
+        device = _execution_device(model)
+        if device is None:
+            raise ValueError(
+                f"{type(model).__name__} has parameters on the meta device and no accelerate hook that says "
+                "where it runs: load its weights (or dispatch it with accelerate) before scoring"
+            )
+        return device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+def _execution_device(model: torch.nn.Module) -> torch.device | None:
+    """The ``execution_device`` of the outermost accelerate hook in ``model``, or None."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return None
 
 
 def _validated(batch: Any, index: int) -> tuple[dict[str, Any], list | None, int]:
