@@ -478,8 +478,10 @@ def score(
 
     Parameters
     ----------
-    model : a HuggingFace multimodal model (LLaVA, LLaVA-NeXT, Qwen2-VL, ...) whose
-        text attention goes through transformers' attention interface.
+    model : a HuggingFace multimodal model (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL,
+        Qwen2/2.5-VL, Gemma 3, Idefics3/SmolVLM, Mistral 3, ...: ``docs/families.md``) whose
+        text attention goes through transformers' attention interface; a peft model (adapters
+        unmerged) or one dispatched by accelerate with offloading works too.
     loader : iterable of batches (dict / ``BatchEncoding``) the model's forward
         accepts: ``input_ids``, ``attention_mask``, ``pixel_values`` and
         model-specific keys. An optional ``"ids"`` list (one per row) is removed
