@@ -31,11 +31,13 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 # --------------------------------------------------------------------------- model loading
 def load_model_and_processor(
-    model: str, processor: str | None, dtype: str, device: str
+    model: str, processor: str | None, dtype: str, device: str, adapter: str | None = None
 ) -> tuple[torch.nn.Module, ProcessorMixin]:
     """A model from a local directory (weights), or random weights from a config.json.
 
     The processor comes from ``processor`` (a directory), else from the model's directory.
+    ``adapter``: a peft adapter directory (``adapter_config.json`` + weights, e.g. a LoRA fine-tune of
+    ``model``), loaded onto the model unmerged (:func:`bye_fast.score` scores through it).
     Nothing is downloaded.
     """
     import torch
@@ -57,6 +59,8 @@ def load_model_and_processor(
             file=sys.stderr,
         )
         m = AutoModelForImageTextToText.from_config(cfg, dtype=torch_dtype)
+    if adapter is not None:
+        m = _with_adapter(m, Path(adapter))
     proc_path = Path(processor) if processor else (path if path.is_dir() else path.parent)
     try:
         proc = AutoProcessor.from_pretrained(proc_path, local_files_only=True)
@@ -65,6 +69,15 @@ def load_model_and_processor(
             f"bye-fast: cannot load a processor from {proc_path} ({err}); pass --processor DIR"
         ) from err
     return m.to(device).eval(), proc
+
+
+def _with_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """``model`` with the peft adapter of the directory ``adapter`` injected (not merged)."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"bye-fast: --adapter {adapter}: no adapter_config.json there (a peft adapter directory)")
+    return PeftModel.from_pretrained(model, adapter, is_trainable=False, local_files_only=True)
 
 
 # --------------------------------------------------------------------------- commands
@@ -110,7 +123,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         dist = rank_and_world_size()
         rank = dist[0] if dist else 0
-        model, processor = load_model_and_processor(args.model, args.processor, args.dtype, device)
+        model, processor = load_model_and_processor(
+            args.model, args.processor, args.dtype, device, adapter=args.adapter
+        )
         loader = make_loader(  # shards by rank under torch.distributed
             args.data, args.images, processor, batch_size=args.batch_size, num_workers=args.num_workers
         )
@@ -129,6 +144,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         scores.meta.update(model_path=str(args.model), data=str(args.data))
+        if args.adapter is not None:
+            scores.meta.update(adapter_path=str(args.adapter))
         if dist is not None:
             scores.meta.update(world_size=dist[1])
         scores.save(out)
@@ -261,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="model directory (weights + config), or a config.json for random weights",
     )
+    p.add_argument("--adapter", default=None,
+                   help="peft adapter directory (e.g. the LoRA fine-tune being checked) to load onto --model")  # fmt: skip
     p.add_argument("--processor", help="processor directory (default: the model's directory)")
     p.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
     p.add_argument("--images", default=None, help="folder the records' image paths are relative to")

@@ -77,6 +77,7 @@ class BatchCollector:
     stop_after_last_layer : raise :class:`_StopForward` once layer ``n_layers-1`` is done.
     backend : kernel backend ("auto", "triton", "torch").
     topk : k of ``image_topk_share``.
+    model_name : the model's class name, for error messages.
     """
 
     qpos: torch.Tensor
@@ -86,10 +87,12 @@ class BatchCollector:
     stop_after_last_layer: bool = False
     backend: str = "auto"
     topk: int = 4
+    model_name: str = "the model"
     head_entropy: dict[int, torch.Tensor] = field(default_factory=dict)
     image_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     before_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     image_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    sees_image: dict[int, torch.Tensor] = field(default_factory=dict)
     _row_masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def key_valid_for(self, attention_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
@@ -122,24 +125,29 @@ class BatchCollector:
             )
         key_valid = self.key_valid_for(attention_mask, n_keys)
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        stats = attn_image_stats(
-            query, key, self.qpos, key_valid, self.image_mask, scale, backend=self.backend
-        )
-        self.head_entropy[layer_idx] = stats.head_entropy
-        self.image_mass[layer_idx] = stats.image_mass
-        self.before_mass[layer_idx] = stats.before_mass
-        self.image_attn[layer_idx] = stats.image_attn
+        home, here = self.qpos.device, query.device  # differ when a device map spreads the layers
+        qpos, key_valid, image_mask = (t.to(here) for t in (self.qpos, key_valid, self.image_mask))
+        stats = attn_image_stats(query, key, qpos, key_valid, image_mask, scale, backend=self.backend)
+        self.head_entropy[layer_idx] = stats.head_entropy.to(home)
+        self.image_mass[layer_idx] = stats.image_mass.to(home)
+        self.before_mass[layer_idx] = stats.before_mass.to(home)
+        self.image_attn[layer_idx] = stats.image_attn.to(home)
+        # a sliding-window layer whose window ends before the image: nothing of the image to measure
+        self.sees_image[layer_idx] = (key_valid & image_mask).any(dim=1).to(home)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The layers stacked, float32 on CPU: ``entropy``, ``image_mass``, ``image_topk_share`` (B, L);
         ``head_entropy``, ``head_image_share``, ``head_before_share`` (B, L, H).
 
-        Layers that never reported (a non-attention layer, say) are NaN.
+        Layers that never reported (a non-attention layer, say) are NaN, and so is every statistic of a
+        sample in a layer whose query row cannot see any of its image tokens (a sliding window that
+        ends after the image): its ``head_before_share`` would otherwise read 1 and its image shares 0.
         """
         if not self.head_entropy:
             raise NotImplementedError(
-                "no decoder layer called the attention interface: this model's text attention does not go "
-                "through transformers' AttentionInterface, so the fused path cannot see it. "
+                f"{self.model_name}: no decoder layer called the attention interface: its text attention does "
+                "not go through transformers' AttentionInterface (or its attention modules have no layer_idx), "
+                "so the fused path cannot see it. "
                 "Use bye_fast.score_reference(model, loader) (eager attention, output_attentions=True)."
             )
         ref = next(iter(self.head_entropy.values()))
@@ -164,6 +172,10 @@ class BatchCollector:
             stacked = torch.stack([self.image_attn[i] for i in present], dim=1)  # (B, Lp, N)
             out["entropy"][:, present] = head_mean_entropy(stacked)
             out["image_topk_share"][:, present] = topk_share(stacked, self.topk)
+            blind = torch.zeros(B, self.n_layers, dtype=torch.bool, device=ref.device)
+            blind[:, present] = ~torch.stack([self.sees_image[i].to(ref.device) for i in present], dim=1)
+            for value in out.values():
+                value[blind] = float("nan")
         return {k: v.float().cpu() for k, v in out.items()}
 
 
@@ -234,6 +246,12 @@ def attention_stats_hook(model: torch.nn.Module) -> Iterator[None]:
     text_cfg = text_config(model)
     with preserved_model_state(model):
         set_text_attn_implementation(model, text_cfg, ATTN_IMPLEMENTATION)
+        if text_cfg._attn_implementation != ATTN_IMPLEMENTATION:  # transformers only warns, and skips it
+            raise NotImplementedError(
+                f"{type(model).__name__}: its text decoder does not accept an attention implementation from "
+                "transformers' AttentionInterface (its attention does not follow the functional approach), so "
+                "the fused path cannot see it. Use bye_fast.score_reference(model, loader)."
+            )
         model.eval()
         yield
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bye_fast.batching import halve, n_rows, split_batch
+from bye_fast.batching import halve, image_layout, n_rows, split_batch
 from bye_fast.checkpoint import ScoreCheckpoint
 from bye_fast.distributed import gather_scores, rank_and_world_size
 from bye_fast.hook import (
@@ -90,9 +90,34 @@ def resolve_image_token_id(model: torch.nn.Module, image_token_id: int | None) -
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's inputs go, and its dtype: those of its first parameter.
+
+    A model dispatched by accelerate with offloading (``device_map="auto"`` with an offload folder,
+    ``dispatch_model``, ``cpu_offload``) keeps offloaded parameters on the ``meta`` device and loads them
+    at forward time; its inputs go to the execution device of its outermost accelerate hook.
+    """
     for p in model.parameters():
-        return p.device, p.dtype
+        if p.device.type != "meta":
+            return p.device, p.dtype
+        device = _execution_device(model)
+        if device is None:
+            raise ValueError(
+                f"{type(model).__name__} has parameters on the meta device and no accelerate hook that says "
+                "where it runs: load its weights (or dispatch it with accelerate) before scoring"
+            )
+        return device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+def _execution_device(model: torch.nn.Module) -> torch.device | None:
+    """The ``execution_device`` of the outermost accelerate hook in ``model``, or None."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return None
 
 
 def _validated(batch: Any, index: int) -> tuple[dict[str, Any], list | None, int]:
@@ -347,6 +372,7 @@ class _FusedScorer:
         self.dtype = dtype
         self.backend = backend
         self.max_tokens = max_tokens
+        self.layout = image_layout(model)
         self.bar = bar
         self.progress = progress
         self.oom_reported = False
@@ -358,7 +384,7 @@ class _FusedScorer:
         pieces = [inputs]
         if self.max_tokens is not None:
             pieces, too_long = split_batch(
-                inputs, self.max_tokens, image_token_id=self.image_token_id, index=index
+                inputs, self.max_tokens, image_token_id=self.image_token_id, index=index, layout=self.layout
             )
             if too_long and not self.long_row_reported:
                 self.long_row_reported = True
@@ -384,7 +410,7 @@ class _FusedScorer:
         self._report_oom(index, n_rows(piece))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        halves = halve(piece, image_token_id=self.image_token_id, index=index)
+        halves = halve(piece, image_token_id=self.image_token_id, index=index, layout=self.layout)
         return [r for half in halves for r in self._with_retry(half, index)]
 
     def _report_oom(self, index: int, rows: int) -> None:
@@ -412,6 +438,7 @@ class _FusedScorer:
             stop_after_last_layer=not self.answers,
             backend=self.backend,
             topk=self.topk,
+            model_name=type(self.model).__name__,
         )
         with collecting(collector):
             out = self.inner(**batch.inputs, use_cache=False)
@@ -451,8 +478,10 @@ def score(
 
     Parameters
     ----------
-    model : a HuggingFace multimodal model (LLaVA, LLaVA-NeXT, Qwen2-VL, ...) whose
-        text attention goes through transformers' attention interface.
+    model : a HuggingFace multimodal model (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL,
+        Qwen2/2.5-VL, Gemma 3, Idefics3/SmolVLM, Mistral 3, ...: ``docs/families.md``) whose
+        text attention goes through transformers' attention interface; a peft model (adapters
+        unmerged) or one dispatched by accelerate with offloading works too.
     loader : iterable of batches (dict / ``BatchEncoding``) the model's forward
         accepts: ``input_ids``, ``attention_mask``, ``pixel_values`` and
         model-specific keys. An optional ``"ids"`` list (one per row) is removed
@@ -665,6 +694,9 @@ def _stats_from_maps(
         out["head_before_share"].append(torch.where(before[:, None, :].to(a.device), a, 0.0).sum(-1))
         top = torch.sort(p, dim=-1, descending=True).values[:, :topk].sum(-1)
         out["image_topk_share"].append(top)
+        blind = a_img.sum(dim=(1, 2)) == 0  # (B,): no attention on the image (e.g. outside a sliding window)
+        for v in out.values():
+            v[-1][blind.to(v[-1].device)] = float("nan")
     return {k: torch.stack(v, 1).float().cpu() for k, v in out.items()}
 
 

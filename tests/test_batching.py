@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import bye_fast
-from bye_fast.batching import halve, row_groups, split_batch, take_rows
+from bye_fast.batching import halve, image_layout, row_groups, split_batch, take_rows
 from bye_fast.lab.models import build_llava, build_processor
 
-from ._models import FAMILIES, QWEN_END, QWEN_IMAGE, QWEN_START, llava, qwen2_vl, qwen_batch, sharpen
+from ._families import BEGIN, FAMILIES
+from ._models import QWEN_END, QWEN_IMAGE, QWEN_START, llava, qwen2_vl, qwen_batch, sharpen
 
 FIELDS = ("entropy", "head_entropy", "image_mass")
 ATOL = 3e-5
@@ -54,23 +55,36 @@ def test_split_pieces_are_consistent_per_family():
     for family, build in FAMILIES.items():
         model, batches = build(padding_side="left")
         image_id = model.config.image_token_id
+        layout = image_layout(model)
         batch = batches[0]
-        pieces, too_long = split_batch(batch, 1, image_token_id=image_id)
+        pieces, too_long = split_batch(batch, 1, image_token_id=image_id, layout=layout)
         assert len(pieces) == batch["input_ids"].shape[0] and too_long == list(range(len(pieces)))
         for r, piece in enumerate(pieces):
             mask = piece["attention_mask"]
             assert mask[:, 0].any() and mask[:, -1].any(), family  # trimmed to the row
             n_img = int((piece["input_ids"] == image_id).sum())
             assert n_img == int((batch["input_ids"][r] == image_id).sum())
-            if family == "qwen2_vl":
+            if family.startswith("qwen2"):
                 t, h, w = piece["image_grid_thw"][0].tolist()
                 assert piece["pixel_values"].shape[0] == t * h * w and n_img == t * h * w // 4
                 start = int(batch["image_grid_thw"][:r].prod(-1).sum())
                 assert torch.equal(piece["pixel_values"], batch["pixel_values"][start : start + t * h * w])
-            else:
-                assert torch.equal(piece["pixel_values"], batch["pixel_values"][r : r + 1])
-            if family == "llava_next":
-                assert torch.equal(piece["image_sizes"], batch["image_sizes"][r : r + 1])
+            elif family == "internvl":  # tiles of 16 tokens; an image of several tiles is one run
+                start = int((batch["input_ids"][:r] == image_id).sum()) // layout.tokens_per_entry
+                n = n_img // layout.tokens_per_entry
+                assert torch.equal(piece["pixel_values"], batch["pixel_values"][start : start + n])
+            elif family == "gemma3":  # one run per image, some rows with two
+                n = int((piece["input_ids"] == BEGIN).sum())
+                start = int((batch["input_ids"][:r] == BEGIN).sum())
+                assert torch.equal(piece["pixel_values"], batch["pixel_values"][start : start + n])
+            else:  # one image per row (Mistral 3: in several runs), or per-row pixels (Idefics3)
+                assert torch.equal(piece["pixel_values"], batch["pixel_values"][r : r + 1]), family
+            for key in ("image_sizes", "pixel_attention_mask", "batch_num_images"):
+                if key in batch:
+                    assert torch.equal(piece[key], batch[key][r : r + 1]), (family, key)
+            if family == "mistral3":
+                h, w = (piece["image_sizes"][0] // layout.size_divisor).tolist()
+                assert n_img == h * w
 
 
 def _qwen_two_images_per_row(padding_side="left"):
@@ -254,3 +268,46 @@ def test_layers_returning_tuples_are_never_replaced_by_the_identity():
             return hidden_states
 
     assert _returns_tensor(New()) and not _returns_tensor(Old()) and not _returns_tensor(Unannotated())
+
+
+def test_family_layouts_refuse_images_that_do_not_line_up():
+    """InternVL tiles and Mistral 3 image sizes that do not account for the rows' image tokens are refused."""
+    model, batches = FAMILIES["internvl"]()
+    batch = dict(batches[0], pixel_values=batches[0]["pixel_values"][:-1])  # a tile short
+    with pytest.raises(NotImplementedError, match=r"batch 0: the rows' image tokens \(\[16, 32, 16\]\) do not add up"):
+        split_batch(batch, 1, image_token_id=model.config.image_token_id, layout=image_layout(model))
+    model, batches = FAMILIES["mistral3"]()
+    sizes = batches[0]["image_sizes"].clone()
+    sizes[0, 0] += 8  # one more row of image tokens than the prompt has
+    batch = dict(batches[0], image_sizes=sizes)
+    with pytest.raises(NotImplementedError, match="do not add up to whole images"):
+        halve(batch, image_token_id=model.config.image_token_id, layout=image_layout(model))
+    no_sizes = {k: v for k, v in batches[0].items() if k != "image_sizes"}
+    with pytest.raises(NotImplementedError, match="lacks"):
+        halve(no_sizes, image_token_id=model.config.image_token_id, layout=image_layout(model))
+
+
+@pytest.mark.parametrize("family", ["idefics3", "mistral3"])
+def test_family_row_without_image_splits(family):
+    """A row without image (Idefics3: per-row zero pixels; Mistral 3: no image size) in a split batch."""
+    model, batches = FAMILIES[family]()
+    image_id = model.config.image_token_id
+    batch = dict(batches[1])  # rows: 0 with image(s), 1 with one image
+    ids = batch["input_ids"].clone()
+    ids[1][ids[1] == image_id] = 7  # row 1 loses its image tokens
+    batch["input_ids"] = ids
+    if family == "idefics3":
+        batch["pixel_values"] = batch["pixel_values"].clone()
+        batch["pixel_values"][1] = 0
+        batch["pixel_attention_mask"] = batch["pixel_attention_mask"].clone()
+        batch["pixel_attention_mask"][1] = False
+    else:
+        batch["pixel_values"], batch["image_sizes"] = batch["pixel_values"][:1], batch["image_sizes"][:1]
+    pieces, _ = split_batch(batch, 1, image_token_id=image_id, layout=image_layout(model))
+    assert pieces[1]["pixel_values"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # row 1 has no image: NaN + warning in both runs
+        ref = bye_fast.score(model, [batch], progress=False)
+        split = bye_fast.score(model, [batch], progress=False, max_tokens_per_batch=1)
+    assert np.isnan(ref.entropy[1]).all() and np.isfinite(ref.entropy[0]).all()
+    _close(split, ref)

@@ -14,7 +14,8 @@ import bye_fast
 from bye_fast.hook import ATTN_IMPLEMENTATION, BatchCollector, attention_stats_hook, collecting
 from bye_fast.score import _prepare
 
-from ._models import FAMILIES, llava
+from ._families import FAMILIES
+from ._models import llava
 
 #: Every attention statistic of Scores (compared fused vs reference to 1e-4).
 FIELDS = (
