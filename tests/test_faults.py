@@ -55,7 +55,7 @@ def ws(tmp_path_factory):
             {"from": "human", "value": "<image>\nwhat digit is this ?"}, {"from": "gpt", "value": "odd"}]})  # fmt: skip
     (root / "train.json").write_text(json.dumps(records))
     assert main(_score_argv(root, root / "scores.npz")) == 0
-    assert main(["detect", str(root / "scores.npz"), "--out", str(root / "det"), "--threshold", "0",
+    assert main(["detect", "--method", "paper", str(root / "scores.npz"), "--out", str(root / "det"), "--threshold", "0",
                  "--no-plots"]) == 0  # fmt: skip
     return root
 
@@ -194,7 +194,7 @@ def test_skip_bad_images_scores_the_rest_and_filter_keeps_them(ws, tmp_path, cap
     assert scores.n_samples == N - 2 and {"r002", "r009"}.isdisjoint(scores.ids.tolist())
     skipped = json.loads(scores.meta["skipped"])
     assert [e["id"] for e in skipped] == ["r002", "r009"] and skipped[1]["reason"] == "file not found"
-    assert main(["detect", str(out), "--out", str(tmp_path / "det"), "--threshold", "0", "--no-plots"]) == 0
+    assert main(["detect", "--method", "paper", str(out), "--out", str(tmp_path / "det"), "--threshold", "0", "--no-plots"]) == 0
     det = Detection.from_json(tmp_path / "det" / "detection.json")
     capsys.readouterr()
     assert main(["filter", "--data", str(data), "--detection", str(tmp_path / "det" / "detection.json"),
@@ -380,7 +380,7 @@ def test_detect_writes_its_folder_as_one_unit(ws, tmp_path, capsys, monkeypatch)
     real_save = bye_fast.plots._save
     monkeypatch.setattr(bye_fast.plots, "_save", lambda fig, path: (
         labels.append([t.get_text() for t in fig.axes[0].get_xticklabels()]), real_save(fig, path))[1])  # fmt: skip
-    assert main(["detect", scores, "--out", str(out), "--threshold", "0"]) == 0
+    assert main(["detect", "--method", "paper", scores, "--out", str(out), "--threshold", "0"]) == 0
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(bye_fast.plots.PLOT_NAMES)
     assert ["0", "1"] in labels  # the per-layer plot's axis: integer layer numbers
     det = json.loads((out / "detection.json").read_text())
@@ -388,7 +388,7 @@ def test_detect_writes_its_folder_as_one_unit(ws, tmp_path, capsys, monkeypatch)
     assert json.loads(det["meta"]["detect_options"]) == {"method": "paper", "threshold": 0.0}
     assert json.loads(det["meta"]["score_options"])["batch_size"] == 8
     # --overwrite --no-plots: the previous run's plots go with it
-    assert main(["detect", scores, "--out", str(out), "--no-plots", "--overwrite"]) == 0
+    assert main(["detect", "--method", "paper", scores, "--out", str(out), "--no-plots", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["detection.json"]
     before = _sha(out / "detection.json")
 
@@ -397,13 +397,13 @@ def test_detect_writes_its_folder_as_one_unit(ws, tmp_path, capsys, monkeypatch)
 
     # an interrupt between the JSON and the plots leaves the old folder, or none, and nothing else
     monkeypatch.setattr(bye_fast.plots, "plot_detection", interrupted)
-    _fails(capsys, ["detect", scores, "--out", str(out), "--overwrite", "--threshold", "0"], 130, "interrupted")
+    _fails(capsys, ["detect", "--method", "paper", scores, "--out", str(out), "--overwrite", "--threshold", "0"], 130, "interrupted")
     assert _sha(out / "detection.json") == before and sorted(p.name for p in out.iterdir()) == ["detection.json"]
     fresh = tmp_path / "fresh"
-    _fails(capsys, ["detect", scores, "--out", str(fresh)], 130, "interrupted")
+    _fails(capsys, ["detect", "--method", "paper", scores, "--out", str(fresh)], 130, "interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["det"]  # no partial folder, no temp folder
     monkeypatch.undo()
-    assert main(["detect", scores, "--out", str(fresh), "--no-plots"]) == 0  # the rerun is not refused
+    assert main(["detect", "--method", "paper", scores, "--out", str(fresh), "--no-plots"]) == 0  # the rerun is not refused
     # a folder with files detect did not write is never replaced; a file is not a folder
     (out / "notes.txt").write_text("mine")
     _fails(capsys, ["detect", scores, "--out", str(out), "--overwrite"], 2, "holds files that detect does not write (notes.txt)")
