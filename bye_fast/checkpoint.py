@@ -240,16 +240,17 @@ class ScoreCheckpoint:
                 f"({_shown(changes) or 'config hash differs'}); its rows cannot be mixed with this "
                 f"model's: {restart}"
             )
-        if old["weights_sha256"] != fp["weights_sha256"]:
-            raise ValueError(
-                f"checkpoint_dir {directory} was written for a model with the same config but other weights "
-                f"(e.g. another fine-tuning checkpoint); its rows cannot be mixed with this model's: {restart}"
-            )
+        # options first: another dtype also changes the sampled weight values
         if manifest["options_sha256"] != _sha(options):
             changes = _diff(manifest["options"], options)
             raise ValueError(
                 f"checkpoint_dir {directory} was written with other scoring options "
                 f"({_shown(changes)}); rerun with the same options, or {restart}"
+            )
+        if old["weights_sha256"] != fp["weights_sha256"]:
+            raise ValueError(
+                f"checkpoint_dir {directory} was written for a model with the same config but other weights "
+                f"(e.g. another fine-tuning checkpoint); its rows cannot be mixed with this model's: {restart}"
             )
         for shard in manifest["shards"]:
             if not (directory / shard["file"]).exists():

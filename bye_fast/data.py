@@ -47,14 +47,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "BadImageError",
     "FilterReport",
     "LlavaCollator",
     "LlavaDataset",
+    "LlavaLoader",
     "build_prompt",
     "filter_dataset",
     "load_records",
     "make_loader",
     "shard_indices",
+    "skipped_records",
 ]
 
 #: The image placeholder of the LLaVA data format (independent of the model's image token).
@@ -164,7 +167,8 @@ def load_records(path: PathLike) -> list[dict]:
         A ``.json`` file holding a list of records, or a ``.jsonl``/``.ndjson``
         file with one record per line (blank lines are skipped). A file with
         another suffix, or a ``.json`` file that does not start with ``[``, is
-        read as JSONL.
+        read as JSONL -- unless it is one JSON object that is not a one-line
+        record (e.g. ``{"data": [...]}``), which is refused as such.
 
     Returns
     -------
@@ -175,7 +179,8 @@ def load_records(path: PathLike) -> list[dict]:
     ------
     ValueError
         Naming the file and the record (0-based index; JSONL also the line) for
-        invalid JSON, a record that is not an object, a missing or duplicate
+        text that is not UTF-8, a file that is one JSON object, invalid JSON, a
+        record that is not an object, a missing or duplicate
         ``id`` (ids are str or int, compared by text: ``3`` and ``"3"``
         collide), a bad ``image`` field, missing ``conversations``, or no human
         turn.
@@ -185,8 +190,16 @@ def load_records(path: PathLike) -> list[dict]:
 
 def _read(path: Path) -> tuple[list[dict], str]:
     """:func:`load_records`, plus the format that was read (``"json"`` or ``"jsonl"``)."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); LLaVA data must be "
+            "UTF-8 JSON or JSONL"
+        ) from None
+    if path.suffix.lower() not in _JSONL_SUFFIXES and text.lstrip().startswith("{"):
+        _refuse_json_object(path, text)
     if _file_format(path, text) == "json":
         try:
             records = json.loads(text)
@@ -212,6 +225,20 @@ def _read(path: Path) -> tuple[list[dict], str]:
         lines.append(lineno)
     _validate(records, str(path), lambda i: f"{path}: line {lines[i]} (record {i})")
     return records, "jsonl"
+
+
+def _refuse_json_object(path: Path, text: str) -> None:
+    """A file that is ONE JSON object (not JSONL with one record on one line) is not a dataset."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return  # several lines of records: JSONL
+    if isinstance(obj, dict) and ("id" not in obj or "\n" in text.strip()):
+        keys = _preview(list(obj), 6)
+        raise ValueError(
+            f"{path}: holds one JSON object (keys {keys}), not a list of records; LLaVA data is a JSON "
+            "list [{...}, ...] or JSONL (one record per line)"
+        )
 
 
 # -------------------------------------------------------------------------- prompts
@@ -311,6 +338,41 @@ def build_prompt(record: Mapping, processor: Any) -> str:
 
 
 # ------------------------------------------------------------------- torch dataset
+#: What :class:`LlavaDataset` does with a record whose image cannot be read.
+ON_BAD_IMAGE = ("error", "skip")
+
+
+class BadImageError(ValueError):
+    """An image of a record cannot be read (empty, truncated, not an image, too large to decode).
+
+    The message names the record id, the path and the reason; ``record_id``, ``path`` and
+    ``reason`` hold them (None when the error was re-raised from a DataLoader worker).
+    """
+
+    def __init__(self, message: str, *, record_id: Any = None, path: str | None = None,
+                 reason: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.record_id, self.path, self.reason = record_id, path, reason
+
+
+def _image_problem(err: Exception, path: Path) -> str:
+    """Why ``PIL`` could not read ``path``, in a few words."""
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, Image.DecompressionBombError):
+        return f"too large to decode safely ({err})"
+    if isinstance(err, IsADirectoryError):
+        return "a directory, not an image file"
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image file PIL can read"
+    return f"{err}" if str(err) else type(err).__name__
+
+
 class LlavaDataset(Dataset):
     """Prompts and images of LLaVA-format records, in record order.
 
@@ -327,6 +389,11 @@ class LlavaDataset(Dataset):
         paths are used as they are). ``None``: relative to the working directory.
     processor : transformers.ProcessorMixin
         Used for its chat template only; batching is :class:`LlavaCollator`'s job.
+    on_bad_image : "error" or "skip"
+        What to do with a record one of whose images cannot be read (missing,
+        empty, truncated, not an image, a decompression bomb): raise (default),
+        or return the item ``{"id": ..., "skipped": {"id", "image", "reason"}}``,
+        which :class:`LlavaCollator` leaves out of its batch.
 
     Raises
     ------
@@ -334,16 +401,29 @@ class LlavaDataset(Dataset):
         On invalid records (see :func:`load_records`, :func:`build_prompt`).
     FileNotFoundError
         From ``__getitem__``, naming the record id and the path, when an image
-        file does not exist.
+        file does not exist (``on_bad_image="error"``).
+    BadImageError
+        From ``__getitem__``, naming the record id, the path and the reason, when
+        an image file cannot be read (``on_bad_image="error"``).
     """
 
-    def __init__(self, records: Sequence[Mapping], image_folder: PathLike | None, processor: Any) -> None:
+    def __init__(
+        self,
+        records: Sequence[Mapping],
+        image_folder: PathLike | None,
+        processor: Any,
+        *,
+        on_bad_image: str = "error",
+    ) -> None:
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}; got {on_bad_image!r}")
         _validate(records, "<records>")
         for record in records:
             _question_and_images(record)
         self.records = records
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.processor = processor
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.records)
@@ -360,14 +440,18 @@ class LlavaDataset(Dataset):
             try:
                 with Image.open(path) as im:
                     images.append(im.convert("RGB"))
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    errno.ENOENT, f"record {record['id']!r}: image file not found", str(path)
-                ) from None
-            except Exception as e:  # unreadable / not an image: keep the type, say which one
-                if hasattr(e, "add_note"):
-                    e.add_note(f"bye_fast: while reading image {str(path)!r} of record {record['id']!r}")
-                raise
+            except Exception as e:  # any failure to open or decode this file is this record's
+                reason = _image_problem(e, path)
+                if self.on_bad_image == "skip":
+                    return {"id": record["id"], "skipped": {"id": record["id"], "image": str(path), "reason": reason}}
+                if isinstance(e, FileNotFoundError):
+                    raise FileNotFoundError(
+                        errno.ENOENT, f"record {record['id']!r}: image file not found", str(path)
+                    ) from None
+                raise BadImageError(
+                    f"record {record['id']!r}: cannot read image {path}: {reason}",
+                    record_id=record["id"], path=str(path), reason=reason,
+                ) from e  # fmt: skip
         return {"id": record["id"], "prompt": build_prompt(record, self.processor), "images": images}
 
 
@@ -383,6 +467,12 @@ class LlavaCollator:
     accept. If the processor rejects a batch, its exception is re-raised with a
     note listing the batch's ids.
 
+    Items marked ``"skipped"`` (``LlavaDataset(on_bad_image="skip")``) are left
+    out of the batch and listed under ``batch["skipped"]`` (a list of ``{"id",
+    "image", "reason"}``); a batch of skipped items only is ``{"ids": [],
+    "skipped": [...]}``. The loader of :func:`make_loader` takes that key out
+    before a model sees the batch.
+
     Picklable (it holds only the processor), so it works with ``num_workers > 0``.
 
     Parameters
@@ -394,6 +484,10 @@ class LlavaCollator:
         self.processor = processor
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        skipped = [item["skipped"] for item in items if "skipped" in item]
+        items = [item for item in items if "skipped" not in item]
+        if not items:
+            return {"ids": [], "skipped": skipped}
         ids = [item["id"] for item in items]
         prompts = [item["prompt"] for item in items]
         images = [list(item["images"]) for item in items]
@@ -409,7 +503,51 @@ class LlavaCollator:
                 e.add_note(f"bye_fast: while collating the batch with ids {_preview(ids)}")
             raise
         batch["ids"] = ids
+        if skipped:
+            batch["skipped"] = skipped
         return batch
+
+
+class LlavaLoader(DataLoader):
+    """The ``DataLoader`` of :func:`make_loader`: batches without the records skipped for a bad image.
+
+    Attributes
+    ----------
+    skipped : list of dict
+        ``{"id", "image", "reason"}`` of every record skipped during the last
+        iteration (reset when a new iteration starts), in record order. A batch
+        whose records were all skipped is not yielded.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped: list[dict] = []
+
+    def __iter__(self):
+        self.skipped = []
+        for batch in super().__iter__():
+            self.skipped.extend(batch.pop("skipped", []))
+            if len(batch["ids"]):
+                yield batch
+
+
+def skipped_records(meta: Mapping[str, Any]) -> list[dict]:
+    """The records a scoring run skipped, from the ``"skipped"`` entry of a Scores' or Detection's meta.
+
+    ``bye-fast score --on-bad-image skip`` writes it (JSON text of ``[{"id", "image", "reason"}]``);
+    no entry: ``[]``.
+    """
+    value = meta.get("skipped")
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"meta['skipped'] is not the JSON list bye-fast score writes ({e})") from None
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) and "id" in v for v in value):
+        raise ValueError("meta['skipped'] must be a list of {'id', 'image', 'reason'}")
+    return list(value)
 
 
 # -------------------------------------------------------------------------- loading
@@ -456,7 +594,8 @@ def make_loader(
     num_workers: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
-) -> DataLoader:
+    on_bad_image: str = "error",
+) -> LlavaLoader:
     """An ordered (unshuffled) ``DataLoader`` of processor batches with ``"ids"``.
 
     Parameters
@@ -473,11 +612,16 @@ def make_loader(
         :func:`shard_indices`). Both or neither must be given; if neither, they
         come from ``torch.distributed`` when it is initialised, else the whole
         dataset is loaded.
+    on_bad_image : "error" or "skip"
+        A record with an image that cannot be read: raise, naming the record
+        and the file (default), or leave the record out of its batch and list
+        it in ``loader.skipped`` (see :class:`LlavaDataset`, :class:`LlavaLoader`).
 
     Returns
     -------
-    torch.utils.data.DataLoader
-        Batches as made by :class:`LlavaCollator`, in record order.
+    LlavaLoader
+        A ``torch.utils.data.DataLoader``: batches as made by
+        :class:`LlavaCollator`, in record order, without skipped records.
     """
     if isinstance(records_or_path, (str, os.PathLike)):
         records = load_records(records_or_path)
@@ -491,8 +635,8 @@ def make_loader(
     if rank is not None:
         shard = shard_indices(len(records), rank, world_size)
         records = [records[i] for i in shard]
-    return DataLoader(
-        LlavaDataset(records, image_folder, processor),
+    return LlavaLoader(
+        LlavaDataset(records, image_folder, processor, on_bad_image=on_bad_image),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -513,6 +657,9 @@ class FilterReport:
         The kept records.
     removed_path : Path
         The removed records with their detection info.
+    n_unscored : int
+        Of the kept records, those that were never scored (skipped for an
+        unreadable image) and so were kept unchecked.
     """
 
     n_total: int
@@ -520,13 +667,20 @@ class FilterReport:
     n_removed: int
     dst: Path
     removed_path: Path
+    n_unscored: int = 0
 
     def __str__(self) -> str:
         share = 100.0 * self.n_removed / self.n_total if self.n_total else 0.0
+        unscored = (
+            f"\n  {self.n_unscored} of the kept records were not scored (skipped for an unreadable image): "
+            "kept unchecked"
+            if self.n_unscored
+            else ""
+        )
         return (
             f"kept {self.n_kept} of {self.n_total} records, removed {self.n_removed} ({share:.1f}%)\n"
             f"  kept    -> {self.dst}\n"
-            f"  removed -> {self.removed_path}"
+            f"  removed -> {self.removed_path}{unscored}"
         )
 
 
@@ -579,7 +733,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _match(records: list[dict], detection: Any, src: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per record of ``src``: flagged?, and the detection row it came from."""
+    """Per record of ``src``: the detection row it came from (-1: not scored), and the per-sample info."""
     for attr in ("ids", "flagged", "score"):
         if not hasattr(detection, attr):
             raise TypeError(f"detection has no .{attr} (need .ids, .flagged and .score)")
@@ -608,10 +762,17 @@ def _match(records: list[dict], detection: Any, src: Path) -> tuple[np.ndarray, 
     unknown = [rid for rid in det_ids if _id_key(rid) not in known]
     if unknown:
         raise ValueError(f"{len(unknown)} detection id(s) are not in {src}: {_preview(unknown)}")
-    missing = [r["id"] for r, k in zip(records, src_keys, strict=True) if k not in row]
+    unscored = {}
+    for entry in skipped_records(getattr(detection, "meta", None) or {}):
+        key = _id_key(entry["id"])
+        if key in row or key not in known:
+            where = "scored too" if key in row else f"not in {src}"
+            raise ValueError(f"the detection lists id {entry['id']!r} as skipped (not scored) but it is {where}")
+        unscored[key] = entry
+    missing = [r["id"] for r, k in zip(records, src_keys, strict=True) if k not in row and k not in unscored]
     if missing:
         raise ValueError(f"{len(missing)} id(s) of {src} are not in the detection: {_preview(missing)}")
-    rows = np.array([row[k] for k in src_keys], dtype=np.int64)
+    rows = np.array([row.get(k, -1) for k in src_keys], dtype=np.int64)
     return rows, _per_sample_info(detection, n)
 
 
@@ -681,7 +842,10 @@ def filter_dataset(
         length) and ``.score`` (float array, same length: the suspicion), in any
         order. Its ids must be exactly the ids of ``src``, matched by text:
         an int id ``3`` and a string id ``"3"`` are the same id, ``"03"`` is
-        not.
+        not -- except the records its ``meta["skipped"]`` lists (records that
+        ``bye-fast score --on-bad-image skip`` could not score, see
+        :func:`skipped_records`): those are kept, unchecked, and counted in
+        ``FilterReport.n_unscored``.
     dst : str or os.PathLike
         Where the kept records go: every field preserved, in ``src`` order. JSON
         (a list, indented) for a ``.json`` suffix, JSONL for ``.jsonl``/``.ndjson``,
@@ -738,7 +902,8 @@ def filter_dataset(
 
     records, src_format = _read(src)
     rows, info = _match(records, detection, src)
-    flagged = np.asarray(detection.flagged)[rows]
+    flagged = np.zeros(len(records), dtype=bool)  # a record that was not scored (row -1) is kept
+    flagged[rows >= 0] = np.asarray(detection.flagged)[rows[rows >= 0]]
     kept = [r for r, f in zip(records, flagged, strict=True) if not f]
     audit = []
     for index in np.flatnonzero(flagged).tolist():
@@ -782,4 +947,4 @@ def filter_dataset(
             _unlink(backup)
     for parent in {dst.parent.resolve(), removed.parent.resolve()}:
         _fsync_dir(parent)
-    return FilterReport(len(records), len(kept), len(audit), dst, removed)
+    return FilterReport(len(records), len(kept), len(audit), dst, removed, int((rows < 0).sum()))

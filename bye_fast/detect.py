@@ -32,16 +32,15 @@ decide differently.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
 
-from bye_fast._io import write_json_atomic
-from bye_fast.scores import Scores
+from bye_fast._io import read_json, write_json_atomic
+from bye_fast.scores import Scores, _as_ids
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "MIN_SAMPLES", "Detection", "PaperDetector", "detect", "valid_rows"]
 
@@ -127,16 +126,25 @@ class Detection:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Detection:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        """Read a file written by :meth:`to_json`; ``ValueError`` naming the file for anything else."""
+        d = read_json(path, "bye_fast detection file (detection.json)")
         if not isinstance(d, dict) or d.pop("format", None) != _FORMAT:
-            raise ValueError(f"{path}: not a bye_fast detection file (format {_FORMAT})")
-        missing = [k for k in ("ids", "flagged", "score", "method", "reason") if k not in d]
+            got = f"a JSON {type(d).__name__}" if not isinstance(d, dict) else "no or another 'format'"
+            raise ValueError(f"{path}: not a bye_fast detection file (format {_FORMAT}; got {got})")
+        names = {f.name: f for f in fields(cls)}
+        required = [k for k, f in names.items() if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"{path}: detection file without {', '.join(missing)}")
-        d["ids"] = np.asarray(d["ids"])
-        d["flagged"] = np.asarray(d["flagged"], dtype=bool)
-        d["score"] = np.asarray([np.nan if v is None else v for v in d["score"]], dtype=float)
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"{path}: detection file with unknown field(s) {', '.join(unknown)}")
+        try:
+            d["ids"] = _as_ids(d["ids"])  # exactly: numpy would make [2**63, 3] floats
+            d["flagged"] = np.asarray(d["flagged"], dtype=bool)
+            d["score"] = np.asarray([np.nan if v is None else v for v in d["score"]], dtype=float)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: detection file with a malformed ids / flagged / score list ({err})") from None
         return cls(**d)
 
 

@@ -8,6 +8,7 @@ scoring and checkpoints and the distributed gather all iterate that table.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,11 +62,27 @@ FIELDS: tuple[Field, ...] = (
 _NAMES = tuple(f.name for f in FIELDS)
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
 def _as_ids(ids) -> np.ndarray:
-    arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64)
-    return arr.astype(str)
+    """Sample ids, kept exactly: int64 when every id is an int that fits, else text (an int as its
+    decimal digits, so it still matches by text). A float or bool id is refused (``ValueError``):
+    numpy would turn ``[2**63, 3]`` into floats and ``1.0`` could not be told from ``1``."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "US":
+        return ids.astype(str)
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "i":
+        return ids.astype(np.int64)
+    values = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    text = False
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, str, bytes, np.str_, np.bytes_)):
+            raise ValueError(f"ids must be str or int (kept exactly); ids[{i}] is {type(v).__name__} {v!r}")
+        text = text or not isinstance(v, (int, np.integer)) or not -_INT64_MAX - 1 <= int(v) <= _INT64_MAX
+    if not text:
+        return np.array([int(v) for v in values], dtype=np.int64)
+    out = [bytes(v).decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v) for v in values]
+    return np.array(out, dtype=str)
 
 
 @dataclass
@@ -213,14 +230,30 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scores:
-        """Read a file written by :meth:`save` (this version or an earlier one)."""
-        with np.load(path, allow_pickle=False) as z:
-            version = int(z["format_version"]) if "format_version" in z else None
-            if version not in _READABLE_VERSIONS:
-                raise ValueError(f"{path}: not a bye_fast scores file (format_version={version})")
-            meta = dict(zip(z["meta_keys"].tolist(), z["meta_values"].tolist(), strict=True))
-            arrays = {n: z[n] for n in _NAMES if n in z}
-            return cls(**arrays, ids=z["ids"], meta=meta)
+        """Read a file written by :meth:`save` (this version or an earlier one).
+
+        Raises ``ValueError`` naming the file when it is not a scores file (another kind of
+        file, a truncated or damaged archive); pickled data is never loaded.
+        """
+        what = f"{path}: not a bye_fast scores file (the .npz `bye-fast score` writes)"
+        with open(path, "rb"):  # a missing or unreadable file: the OSError that names it
+            pass
+        if not zipfile.is_zipfile(path):  # np.load would take it as .npy, or as a pickle it refuses
+            raise ValueError(f"{what}: not a complete .npz (zip) archive: truncated, or another kind of file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                version = int(z["format_version"]) if "format_version" in z else None
+                if version not in _READABLE_VERSIONS:
+                    raise ValueError(f"{path}: not a bye_fast scores file (format_version={version})")
+                meta = dict(zip(z["meta_keys"].tolist(), z["meta_values"].tolist(), strict=True))
+                arrays = {n: z[n] for n in _NAMES if n in z}
+                return cls(**arrays, ids=z["ids"], meta=meta)
+        except ValueError as err:
+            if str(err).startswith(f"{path}: "):
+                raise
+            raise ValueError(f"{what}: {err}") from None
+        except (zipfile.BadZipFile, EOFError, KeyError) as err:
+            raise ValueError(f"{what}: damaged ({type(err).__name__}: {err})") from None
 
 
 @dataclass
