@@ -180,7 +180,7 @@ def load_model_and_processor(
     if not progress and hf_logging.is_progress_bar_enabled():
         hf_logging.disable_progress_bar()
         try:
-            return load_model_and_processor(model, processor, dtype, device)
+            return load_model_and_processor(model, processor, dtype, device, adapter)
         finally:
             hf_logging.enable_progress_bar()
 
