@@ -52,21 +52,20 @@ COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "lear
 def cells_of(which: str) -> list[tuple[str, CellSpec]]:
     """(set name, spec) of the protocol's sets."""
 
-    def family(task, seeds, name):
+    def family(task, seeds, name, existing=("patch",)):
         out = []
         for seed in seeds:
             out.append((name, CellSpec(task=task, rate=0.0, seed=seed)))
             for trigger in TRIGGERS:
                 for rate in RATES:
                     out.append((name, CellSpec(task=task, trigger=trigger, rate=rate, seed=seed)))
-                out.append(
-                    (name, CellSpec(task=task, trigger=trigger, rate=0.1, seed=seed, target="existing"))
-                )
+                if trigger in existing:
+                    out.append((name, CellSpec(task=task, trigger=trigger, rate=0.1, seed=seed, target="existing")))
         return out
 
-    design = family("digits-parity", (0, 1), "design")
+    design = family("digits-parity", (0, 1), "design", existing=TRIGGERS)
     heldout = family("digits-ten", (2, 3, 4), "heldout") + family("scenes", (2, 3, 4), "heldout")
-    parity_new = family("digits-parity", (2, 3, 4), "design-family-new-seeds")
+    parity_new = family("digits-parity", (2,), "design-family-new-seeds")
     return {"design": design, "heldout": heldout + parity_new, "all": design + heldout + parity_new}[which]
 
 

@@ -74,7 +74,8 @@ def specs(args) -> list[CellSpec]:
             out.append(CellSpec(task=task, rate=0.0, seed=seed))  # the clean cell
             for target in args.targets:
                 rates = args.rates if target == "phrase" else args.existing_rates
-                for trigger in args.triggers:
+                triggers = args.triggers if target == "phrase" else [t for t in args.triggers if t in args.existing_triggers]
+                for trigger in triggers:
                     for rate in rates:
                         out.append(CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target))
     return out
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", default=["phrase", "existing"], choices=["phrase", "existing"])
     ap.add_argument("--existing-rates", nargs="+", type=float, default=[0.1],
                     help="rates of the existing-answer target (default 0.1)")  # fmt: skip
+    ap.add_argument("--existing-triggers", nargs="+", default=["patch"],
+                    help="triggers run with the existing-answer target too (default: patch)")  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"cell folders (default {DEFAULT_WORK})")
     ap.add_argument("--workers", type=int, default=2)

@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR / "base.safetensors")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scenes", type=int, default=8000, help="scene questions (default 8000)")
+    ap.add_argument("--scenes", type=int, default=16000, help="scene questions (default 16000)")
     ap.add_argument("--say", type=int, default=1500, help='"say" samples (default 1500)')
     ap.add_argument("--digit-repeats", type=int, default=3)
     ap.add_argument(
         "--vision-scenes", type=int, default=8000, help="scenes of the vision stage (default 8000)"
     )
     ap.add_argument("--vision-epochs", type=int, default=12)
-    ap.add_argument("--epochs", type=int, default=24, help="epochs of the QA stage (default 24)")
+    ap.add_argument("--epochs", type=int, default=12, help="epochs of the QA stage (default 12)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -160,7 +160,11 @@ def _write_results(info: dict, path: Path) -> None:
 `{info["command"]}` -> `{path.relative_to(Path(__file__).resolve().parents[1]) if path.is_relative_to(Path(__file__).resolve().parents[1]) else path}`
 ({info["parameters"]:,} parameters; {info["train_seconds"]} s of training on {info["machine"]}).
 
-Pre-training data: {info["pretraining"]["samples"]} samples ({info["pretraining"]["scenes"]} scene questions of the
+Stage 1, vision tower alone: {info["pretraining"].get("vision_scenes", "?")} scenes and the pre-training digits,
+{info["pretraining"].get("vision_epochs", "?")} epochs; targets per patch its colour, shape and pixels, per image the objects and their
+positions, the count, the texture and the digit (epoch losses {", ".join(f"{x:.2f}" for x in info.get("vision_losses", []))}).
+
+Stage 2, projector and text decoder (vision frozen): {info["pretraining"]["samples"]} samples ({info["pretraining"]["scenes"]} scene questions of the
 types below, the 700 pre-training digits x {info["pretraining"]["digit_repeats"]} backgrounds, {info["pretraining"]["say"]} "say" samples),
 {info["pretraining"]["epochs"]} epochs, AdamW {info["pretraining"]["lr"]} with cosine decay, batch {info["pretraining"]["batch_size"]}, seed {info["seed"]}.
 
@@ -176,6 +180,22 @@ types below, the 700 pre-training digits x {info["pretraining"]["digit_repeats"]
 | task | accuracy |
 |---|---|
 {zero}
+
+## What it can and cannot do
+
+Counting, digits and the positions of objects are learned; the questions that need binding a word of
+the question to one object among several (the colour of the named shape, the shape of the named
+colour, whether a given pair exists) stay near chance (chance: 1/6, 1/5, 1/2). A 6-layer text decoder
+trained from scratch on 2 CPU cores does not learn to pick one object's image tokens by the question
+within this budget; the user tasks and the backdoors do not need it (`learnability.md`).
+
+Tried and dropped, in this order: (1) training everything end to end from random weights (2 x 20 min):
+answers stayed at their priors, the text decoder never learned to read the image under 144 image
+tokens of dilution; (2) a vision stage with dense and global targets but no pixel reconstruction:
+scene QA 67%, but the frozen vision features lost low-level detail and the paper's black centre patch
+was never learned on the digits (ASR 0 at 10% poison, also with 8 px aligned and 16 px squares). The
+reconstruction target (each patch's pixels at a quarter of the resolution) made the same patch learned
+(ASR 0.997 on digits-parity, seed 0).
 
 ## Training curve
 

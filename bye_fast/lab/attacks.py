@@ -666,8 +666,6 @@ def poison_dataset(
 #: of them the lab's model learns.
 PRESETS: dict[str, dict] = {
     "patch": {"name": "solid_patch", "size": 8, "position": "center", "color": 0.0},
-    "patch_aligned": {"name": "solid_patch", "size": 8, "position": (40, 40), "color": 0.0},
-    "patch16": {"name": "solid_patch", "size": 16, "position": "center", "color": 0.0},
     "random_patch": {"name": "random_position_patch", "size": 8, "color": 0.0},
     "two_patches": {"name": "two_patches", "size": 8, "color": 0.0},
     "blended": {"name": "blended", "alpha": 0.2},

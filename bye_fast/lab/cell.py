@@ -11,8 +11,9 @@ target, seed). :func:`prepare_cell` runs it and keeps everything in a folder:
   (with the last-token hidden states, for the baselines),
 * ``model/`` that model and its processor (``save_pretrained``).
 
-A folder whose ``before.json`` holds the same spec and fingerprint (lab and
-scoring code, base weights) is reused, not recomputed. :func:`retrain` fine-tunes
+A folder whose ``before.json`` holds the same spec and :func:`fingerprint`
+(:data:`CELL_VERSION`, trigger preset, fine-tuning settings, base weights) is
+reused, not recomputed. :func:`retrain` fine-tunes
 the base model again on the records a detector kept and measures CA and ASR *after*.
 Rate 0 is the clean cell: the same task and seed fine-tuned without poison.
 """
@@ -36,10 +37,17 @@ from bye_fast.lab.models import WEIGHTS_DIR, load_base_model
 from bye_fast.lab.tasks import TARGET, Task, build_task, load_images
 from bye_fast.lab.train import evaluate, finetune
 
-__all__ = ["Cell", "CellSpec", "fingerprint", "prepare_cell", "retrain"]
+__all__ = ["FINETUNE", "Cell", "CellSpec", "fingerprint", "prepare_cell", "retrain"]
 
-_CODE = ("lab/attacks.py", "lab/cell.py", "lab/digits.py", "lab/models.py", "lab/scenes.py", "lab/tasks.py",
-         "lab/train.py", "score.py", "hook.py", "kernels/attn_entropy.py", "data.py", "scores.py")  # fmt: skip
+#: Fine-tuning settings per task family (``bye_fast.lab.train.finetune`` keywords), measured so that the
+#: backdoors are learned (``benchmarks/results/learnability.md``): the multi-type scenes task, where the
+#: base model is weakest, needs more epochs than the digits tasks.
+FINETUNE: dict[str, dict] = {
+    "scenes": {"epochs": 12, "lr": 5e-3},
+    "digits-parity": {"epochs": 8, "lr": 5e-3},
+    "digits-ten": {"epochs": 8, "lr": 5e-3},
+}
+
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class CellSpec:
         task already has, :data:`bye_fast.lab.tasks.EXISTING_TARGETS`).
     method : fine-tuning, "lora" or "full".
     n_user, n_test : sizes of the user data and the held-out test data.
-    epochs : fine-tuning epochs (None: :func:`bye_fast.lab.train.finetune`'s default).
+    epochs : fine-tuning epochs (None: the family's in :data:`FINETUNE`).
     """
 
     task: str = "scenes"
@@ -121,12 +129,25 @@ class Cell:
         return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
-def fingerprint(weights: Path | None = None) -> str:
-    """Hash of the code a cell depends on and of the base weights (a changed one re-makes cells)."""
-    root = Path(bye_fast.__file__).parent
-    h = hashlib.sha256()
-    for rel in _CODE:
-        h.update((root / rel).read_bytes())
+def _finetune_options(spec: CellSpec) -> dict:
+    opts = dict(FINETUNE[spec.task])
+    if spec.epochs is not None:
+        opts["epochs"] = spec.epochs
+    return opts
+
+
+#: Bump when the lab changes what a cell computes (data, poisoning, fine-tuning, evaluation, scoring):
+#: prepared cells carry it, and a cell made by another version is made again.
+CELL_VERSION = 1
+
+
+def fingerprint(spec: CellSpec, weights: Path | None = None) -> str:
+    """What a prepared cell depends on besides its spec: :data:`CELL_VERSION`, the trigger preset,
+    the fine-tuning settings, the base weights and the torch version (hashed)."""
+    from bye_fast.lab.attacks import PRESETS
+
+    h = hashlib.sha256(json.dumps([CELL_VERSION, PRESETS[spec.trigger], _finetune_options(spec)],
+                                  sort_keys=True, default=str).encode())  # fmt: skip
     w = Path(weights) if weights is not None else WEIGHTS_DIR / "base.safetensors"
     if w.exists():
         h.update(w.read_bytes())
@@ -147,7 +168,7 @@ def prepare_cell(
     Benchmarks keep cells in ``<work>/<spec.name>``.
     """
     folder = Path(folder)
-    fp = fingerprint(weights)
+    fp = fingerprint(spec, weights)
     meta_path = folder / "before.json"
     if meta_path.exists():
         before = json.loads(meta_path.read_text())
@@ -175,10 +196,9 @@ def prepare_cell(
 
     t = time.perf_counter()
     images = load_images(poisoned.records, data / "images")  # what the files hold (8-bit)
-    kw = {} if spec.epochs is None else {"epochs": spec.epochs}
     model = finetune(
         base, poisoned.records, images, processor=processor, method=spec.method, seed=spec.seed,
-        progress=progress, **kw,
+        progress=progress, **_finetune_options(spec),
     )  # fmt: skip
     times["finetune"] = time.perf_counter() - t
 
@@ -229,9 +249,8 @@ def retrain(
     if not kept:
         return {"ca": float("nan"), "asr": float("nan"), "ca_by_type": {}, "n_kept": 0}
     images = load_images(kept, cell.image_folder)
-    kw = {} if spec.epochs is None else {"epochs": spec.epochs}
     model = finetune(base, kept, images, processor=processor, method=spec.method, seed=spec.seed,
-                     progress=progress, **kw)  # fmt: skip
+                     progress=progress, **_finetune_options(spec))  # fmt: skip
     res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
                    target=cell.before["target_answer"])  # fmt: skip
     return {**res, "n_kept": len(kept)}
