@@ -63,26 +63,65 @@ FEATURES = ("head_entropy", "head_image_share", "head_before_share", "entropy", 
             "answer_margin")  # fmt: skip
 
 
+class FeatureColumns:
+    """The detector's features as ``(n, F)`` columns, read in blocks without copying the whole matrix.
+
+    ``names`` has one entry per column (``"head_entropy layer 3 head 1"``); ``blocks(width)`` yields
+    ``(first column, (n, b) array)``; ``column(j)`` is one column. Values keep their floating dtype
+    (float32 scores stay float32: the scan sorts them in half the time and memory of float64).
+    """
+
+    def __init__(self, scores: Scores, families: tuple[str, ...] = FEATURES) -> None:
+        n = scores.n_samples
+        self.parts: list[np.ndarray] = []
+        self.names: list[str] = []
+        for fam in families:
+            value = getattr(scores, fam, None)
+            if value is None:
+                continue
+            x = np.asarray(value)
+            if not np.issubdtype(x.dtype, np.floating):
+                x = x.astype(np.float64)
+            x = x.reshape(n, -1)
+            self.parts.append(x)
+            if x.shape[1] == 1:
+                self.names.append(fam)
+            elif np.ndim(value) == 3:
+                H = np.shape(value)[2]
+                self.names += [f"{fam} layer {j // H} head {j % H}" for j in range(x.shape[1])]
+            else:
+                self.names += [f"{fam} layer {j}" for j in range(x.shape[1])]
+        if not self.parts:
+            raise ValueError(f"these scores have none of the detector's features {families}")
+        self.n = n
+        self.starts = np.cumsum([0] + [p.shape[1] for p in self.parts])
+        self.dtype = np.result_type(*self.parts)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.starts[-1])
+
+    def block(self, j0: int, j1: int) -> np.ndarray:
+        """Columns ``j0:j1`` as one ``(n, j1 - j0)`` array."""
+        out = []
+        for p, s in zip(self.parts, self.starts[:-1], strict=True):
+            lo, hi = max(j0, s), min(j1, s + p.shape[1])
+            if lo < hi:
+                out.append(p[:, lo - s : hi - s])
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=1).astype(self.dtype, copy=False)
+
+    def blocks(self, width: int = 64):
+        for j0 in range(0, self.n_features, width):
+            yield j0, self.block(j0, min(j0 + width, self.n_features))
+
+    def column(self, j: int) -> np.ndarray:
+        return self.block(j, j + 1)[:, 0]
+
+
 def feature_matrix(scores: Scores, families: tuple[str, ...] = FEATURES) -> tuple[np.ndarray, list[str]]:
     """The ``(n, F)`` float64 matrix of the feature families present in ``scores``, and feature names."""
-    n = scores.n_samples
-    cols, names = [], []
-    for fam in families:
-        value = getattr(scores, fam, None)
-        if value is None:
-            continue
-        x = np.asarray(value, dtype=np.float64).reshape(n, -1)
-        cols.append(x)
-        if x.shape[1] == 1:
-            names.append(fam)
-        elif np.ndim(value) == 3:
-            H = np.shape(value)[2]
-            names += [f"{fam} layer {j // H} head {j % H}" for j in range(x.shape[1])]
-        else:
-            names += [f"{fam} layer {j}" for j in range(x.shape[1])]
-    if not cols:
-        raise ValueError(f"these scores have none of the detector's features {families}")
-    return np.concatenate(cols, axis=1), names
+    cols = FeatureColumns(scores, families)
+    return cols.block(0, cols.n_features).astype(np.float64), cols.names
 
 
 def _log10_binom_cdf(k: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -92,23 +131,30 @@ def _log10_binom_cdf(k: np.ndarray, n: np.ndarray) -> np.ndarray:
     return binom.logcdf(k, n, 0.5) / np.log(10)
 
 
-def valley_scan(y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05) -> tuple[float, int, float]:
-    """The best tail cluster at the HIGH end of ``y``: ``(log10 p, size, cut)``; members are ``y >= cut``.
+#: Candidate cluster sizes grow by this factor (every integer while the step is below one).
+SIZE_RATIO = 1.05
 
-    For each k in ``[kmin, kmax]``: the k largest values (less the top ``trim`` share, so that
-    one far outlier does not widen the window) span ``w``; ``m`` values lie in ``[cut - w, cut)``;
-    ``p = P(Binomial(m + k, 1/2) <= m)``. Ties at the top (``w == 0``) give no evidence.
-    ``(0.0, 0, inf)`` when no k is possible.
-    """
-    n = len(y)
-    kmax = min(int(kmax), n - 1)
+
+def size_grid(kmin: int, kmax: int, ratio: float = SIZE_RATIO) -> np.ndarray:
+    """The cluster sizes tested: every integer from ``kmin`` while ``ratio`` steps are below one, then
+    geometric up to ``kmax`` (inclusive). A cluster of any size lies within 5% of a tested one, and
+    the number of tests -- hence the Bonferroni price and the cost -- grows with log(n), not n."""
+    kmin, kmax = int(kmin), int(kmax)
     if kmax < kmin or kmin < 1:
+        return np.zeros(0, np.int64)
+    steps = int(np.ceil(np.log(kmax / kmin) / np.log(ratio))) + 1
+    ks = np.unique(np.round(kmin * ratio ** np.arange(steps)).astype(np.int64))
+    return np.unique(np.append(ks[ks <= kmax], kmax))
+
+
+def _scan_sorted(asc: np.ndarray, ks: np.ndarray, trim: float) -> tuple[float, int, float]:
+    """The best high-end cluster of the ascending-sorted ``asc`` over the sizes ``ks``."""
+    n = len(asc)
+    ks = ks[ks <= n - 1]
+    if not len(ks):
         return 0.0, 0, float("inf")
-    asc = np.sort(y)
-    desc = asc[::-1]
-    ks = np.arange(kmin, kmax + 1)
-    cut = desc[ks - 1]
-    w = desc[(trim * ks).astype(np.int64)] - cut
+    cut = asc[n - ks]  # the k-th largest
+    w = asc[n - 1 - (trim * ks).astype(np.int64)] - cut
     tail = n - np.searchsorted(asc, cut, side="left")  # values >= cut (ties included)
     window = n - np.searchsorted(asc, cut - w, side="left") - tail
     logp = np.where(w > 0, _log10_binom_cdf(window, window + tail), 0.0)
@@ -116,8 +162,24 @@ def valley_scan(y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05) -> t
     return float(logp[i]), int(tail[i]), float(cut[i])
 
 
+def valley_scan(
+    y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05, sizes: np.ndarray | None = None
+) -> tuple[float, int, float]:
+    """The best tail cluster at the HIGH end of ``y``: ``(log10 p, size, cut)``; members are ``y >= cut``.
+
+    For each size k (``sizes``, default every k in ``[kmin, kmax]``): the k largest values (less
+    the top ``trim`` share, so that one far outlier does not widen the window) span ``w``; ``m``
+    values lie in ``[cut - w, cut)``; ``p = P(Binomial(m + k, 1/2) <= m)``. Ties at the top
+    (``w == 0``) give no evidence. ``(0.0, 0, inf)`` when no k is possible.
+    """
+    ks = np.arange(kmin, int(kmax) + 1) if sizes is None else np.asarray(sizes, np.int64)
+    if kmin < 1:
+        ks = ks[ks >= 1]
+    return _scan_sorted(np.sort(y), ks, trim)
+
+
 def valley_scan_reference(
-    y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05
+    y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05, sizes=None
 ) -> tuple[float, int, float]:
     """:func:`valley_scan` written with loops and exact binomial sums (the obviously-correct twin)."""
     from math import comb, log10
@@ -125,7 +187,7 @@ def valley_scan_reference(
     ys = sorted((float(v) for v in y), reverse=True)
     n = len(ys)
     best = (0.0, 0, float("inf"))
-    for k in range(kmin, min(kmax, n - 1) + 1):
+    for k in range(kmin, min(kmax, n - 1) + 1) if sizes is None else [int(k) for k in sizes if k <= n - 1]:
         cut = ys[k - 1]
         w = ys[int(trim * k)] - cut
         if w <= 0:
@@ -201,6 +263,10 @@ class ConsensusDetector:
     """
 
     name: ClassVar[str] = "consensus"
+    #: Share of the top values left out of a cluster's width (one far outlier must not widen it).
+    trim: ClassVar[float] = 0.05
+    #: Features sorted together (memory: ``block_width x n`` values).
+    block_width: ClassVar[int] = 64
 
     def __init__(
         self,
@@ -255,26 +321,57 @@ class ConsensusDetector:
         groups = [g for g in groups if len(g) >= self.min_group]
         return groups if len(groups) >= 2 else None
 
+    def _scan(
+        self, cols: FeatureColumns, rows, plans: list[tuple[str, np.ndarray, np.ndarray]]
+    ) -> list[np.ndarray]:
+        """Per context, a ``(F, 4)`` array of each usable feature's best tail: ``log10 p, side, cut, size``
+        (cut in the feature's own units times ``side``; members are ``side * value >= cut``).
+
+        Columns are read in blocks, transposed and sorted row-wise (one sort serves both ends)."""
+        keep = np.nonzero(rows.columns)[0]
+        vidx = np.nonzero(rows.valid)[0]
+        out = [np.zeros((len(keep), 4)) for _ in plans]
+        pos = 0
+        for j0, blk in cols.blocks(self.block_width):
+            sel = keep[(keep >= j0) & (keep < j0 + blk.shape[1])] - j0
+            if not len(sel):
+                continue
+            bt = np.ascontiguousarray(blk[vidx][:, sel].T)  # (b, nv)
+            for c, (_, idx, ks) in enumerate(plans):
+                srt = np.sort(bt if len(idx) == len(vidx) else bt[:, idx], axis=1)
+                for r in range(len(sel)):
+                    hi = _scan_sorted(srt[r], ks, self.trim)
+                    lo = _scan_sorted(-srt[r, ::-1], ks, self.trim)
+                    best = (hi[0], 1.0, hi[2], hi[1]) if hi[0] <= lo[0] else (lo[0], -1.0, lo[2], lo[1])
+                    out[c][pos + r] = best if best[0] < 0 else (0.0, 0.0, np.inf, 0)
+            pos += len(sel)
+        return out
+
+    def _members(self, best: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The tail cluster of one significant feature. Its size was tested on a grid; the cut is
+        refined over every size within one grid step of it (the evidence stays the grid's)."""
+        side, k = best[1], int(best[3])
+        lo, hi = int(np.floor(k / SIZE_RATIO)), int(np.ceil(k * SIZE_RATIO))
+        lp, _, cut = valley_scan(side * y, max(lo, 1), hi, trim=self.trim)
+        return side * y >= (cut if lp < 0 else best[2])
+
     def fit(self, scores: Scores) -> ConsensusDetector:
         self._check()
-        x, names = feature_matrix(scores, tuple(self.features))
-        n = len(x)
-        rows = valid_rows(scores, x, names)
-        xv = x[rows.valid][:, rows.columns]
-        vnames = [nm for nm, keep in zip(names, rows.columns, strict=True) if keep]
-        F = xv.shape[1]
+        cols = FeatureColumns(scores, tuple(self.features))
+        names = cols.names
+        n = scores.n_samples
+        rows = valid_rows(scores, cols, names)
+        keep = np.nonzero(rows.columns)[0]
+        vidx = np.nonzero(rows.valid)[0]
+        vnames = [names[j] for j in keep]
+        F, nv = len(keep), len(vidx)
         contexts = self._contexts(scores, rows.valid)
-        plans = []
-        n_tests = 0
-        for label, idx, frac in contexts:
-            kmin = int(self.min_cluster)
-            kmax = int(frac * len(idx))
-            n_tests += F * 2 * max(0, kmax - kmin + 1)
-            plans.append((label, idx, kmin, kmax))
+        plans = [(label, idx, size_grid(self.min_cluster, int(frac * len(idx)))) for label, idx, frac in contexts]
+        n_tests = sum(F * 2 * len(ks) for _, _, ks in plans)
         self.n_tests_ = int(n_tests)
         if n_tests == 0:
             warnings.warn(
-                f"{len(xv)} samples are too few for any decision (a tail cluster needs at least "
+                f"{nv} samples are too few for any decision (a tail cluster needs at least "
                 f"min_cluster={self.min_cluster} samples and at most max_fraction={self.max_fraction:g} of them): "
                 "nothing can be flagged",
                 UserWarning,
@@ -282,66 +379,56 @@ class ConsensusDetector:
             )
         log_m = float(np.log10(max(n_tests, 1)))
         level = float(-np.log10(self.alpha))
+        scans = self._scan(cols, rows, plans) if n_tests else [np.zeros((F, 4)) for _ in plans]
+
+        def column(j: int, idx: np.ndarray) -> np.ndarray:  # feature j (of the usable ones), context rows
+            return cols.column(int(keep[j]))[vidx[idx]].astype(np.float64)
+
         evidence = np.full(F, -np.inf)
         self.clusters_: list[dict] = []
-        nv = len(xv)
         score_v = np.zeros(nv)
         in_cluster = np.zeros(nv, dtype=bool)
-        ranking: list[
-            tuple[float, int, np.ndarray, int, float]
-        ] = []  # (evidence, side, idx, j, cut) per context
+        ranking: list[tuple[float, float, np.ndarray, int]] = []  # (evidence, side, idx, j)
         groups_v = self._group_index(scores, rows.valid)
-        for label, idx, kmin, kmax in plans:
-            z = _robust_z(xv[idx])
+        for (label, idx, _), scan in zip(plans, scans, strict=True):
             in_groups = groups_v is not None and len(idx) == nv  # the all-samples context
-            scan = []
-            for j in range(F):
-                best = (0.0, 0, 0, np.inf)
-                for side in (1, -1):
-                    lp, k, cut = valley_scan(side * z[:, j], kmin, kmax)
-                    if lp < best[0]:
-                        best = (lp, side, k, cut)
-                scan.append(best)
-            ev = np.array([-(s[0] + log_m) for s in scan])
-            tight = np.array([
-                _spread_ratio(s[1] * z[:, j], s[3], groups_v if in_groups else None) if s[1] else np.inf
-                for j, s in enumerate(scan)
-            ])  # fmt: skip
-            ev = np.where(
-                tight <= self.max_spread_ratio, ev, np.minimum(ev, 0.0)
-            )  # a broad mode is no evidence
+            ev = -(scan[:, 0] + log_m)
+            for j in np.nonzero(ev > 0)[0]:  # a broad mode is no evidence
+                ratio = _spread_ratio(scan[j, 1] * column(j, idx), scan[j, 2], groups_v if in_groups else None)
+                if not ratio <= self.max_spread_ratio:
+                    ev[j] = 0.0
             evidence = np.maximum(evidence, ev)
             for j in np.argsort(-ev)[:3]:
-                ranking.append((float(ev[j]), scan[j][1], idx, int(j), scan[j][3], z))
-            sig = [j for j in range(F) if ev[j] > level]
+                ranking.append((float(ev[j]), float(scan[j, 1]), idx, int(j)))
+            sig = [int(j) for j in np.argsort(-ev) if ev[j] > level]
             if not sig:
                 continue
-            sig.sort(key=lambda j: -ev[j])
-            tails = {j: scan[j][1] * z[:, j] >= scan[j][3] for j in sig}
+            tails = {j: self._members(scan[j], column(j, idx)) for j in sig}
             lead = tails[sig[0]]
             block = [j for j in sig if (tails[j] & lead).sum() / max(1, (tails[j] | lead).sum()) >= 0.5]
             votes = np.mean([tails[j] for j in block], axis=0)
-            distance = np.mean([scan[j][1] * z[:, j] for j in block], axis=0)
+            distance = np.mean([scan[j, 1] * _robust_z(column(j, idx)) for j in block], axis=0)
             members = votes >= 0.5
             in_cluster[idx[members]] = True
             score_v[idx] = np.maximum(score_v[idx], votes + 1e-3 * np.tanh(distance / 10))
             self.clusters_.append({
                 "context": label, "size": int(members.sum()), "context_size": len(idx),
-                "evidence": float(ev[sig[0]]), "lead": vnames[sig[0]], "side": "high" if scan[sig[0]][1] > 0 else "low",
+                "evidence": float(ev[sig[0]]), "lead": vnames[sig[0]], "side": "high" if scan[sig[0], 1] > 0 else "low",
                 "block": [vnames[j] for j in block], "n_significant": len(sig),
             })  # fmt: skip
         if not self.clusters_ and ranking:  # nothing significant: rank by the three strongest features
             ranking.sort(key=lambda r: -r[0])
             top = ranking[:3]
-            for _, side, idx, j, _cut, z in top:
-                score_v[idx] += np.tanh(side * z[:, j] / 10) / len(top) * 1e-3
+            for _, side, idx, j in top:
+                if side:
+                    score_v[idx] += np.tanh(side * _robust_z(column(j, idx)) / 10) / len(top) * 1e-3
         self.evidence_ = np.full(len(names), np.nan)
-        self.evidence_[np.nonzero(rows.columns)[0]] = evidence
+        self.evidence_[keep] = evidence
         n_found = int(in_cluster.sum())
         too_large = n_found > self.max_fraction * nv
         flagged = np.zeros(n, dtype=bool)
         if self.clusters_ and not too_large:
-            flagged[np.nonzero(rows.valid)[0][in_cluster]] = True
+            flagged[vidx[in_cluster]] = True
         score = np.full(n, np.nan)
         score[rows.valid] = score_v
         self.flagged_, self.score_ = flagged, score

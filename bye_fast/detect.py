@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -181,24 +181,35 @@ class Rows:
         return f"; left out {len(self.left_out)} feature(s) not finite for every sample with an image: {names}{more}"
 
 
-def valid_rows(scores: Scores, x: np.ndarray, names: list[str]) -> Rows:
+def valid_rows(scores: Scores, x: Any, names: list[str]) -> Rows:
     """Samples and features a detector can use.
 
     A sample is left out (never flagged, reported in ``no_image_ids``) when it has no image
     token, or when none of its features is finite (no layer saw its image). A feature that is
     not finite for some of the remaining samples is left out and reported (``left_out``).
     Raises ``ValueError`` when fewer than :data:`MIN_SAMPLES` samples remain.
+
+    ``x`` is the ``(n, F)`` feature matrix, or an object whose ``blocks()`` yields
+    ``(first column, (n, b) array)`` pairs covering it (so that a large matrix is never copied whole).
     """
-    n = x.shape[0]
+
+    def blocks():
+        return x.blocks() if hasattr(x, "blocks") else [(0, np.asarray(x))]
+
+    n, F = len(scores.ids), len(names)
     has_image = (
         np.asarray(scores.n_image_tokens) > 0 if scores.n_image_tokens is not None else np.ones(n, bool)
     )
-    finite = np.isfinite(x)
-    valid = has_image & finite.any(axis=1)
-    columns = finite[valid].all(axis=0) if valid.any() else np.zeros(x.shape[1], bool)
-    left_out = (
-        {names[j]: int((~finite[valid, j]).sum()) for j in np.nonzero(~columns)[0]} if valid.any() else {}
-    )
+    any_finite = np.zeros(n, bool)
+    for _, b in blocks():
+        any_finite |= np.isfinite(b).any(axis=1)
+    valid = has_image & any_finite
+    missing = np.zeros(F, np.int64)  # per feature: valid samples where it is not finite
+    if valid.any():
+        for j0, b in blocks():
+            missing[j0 : j0 + b.shape[1]] = (~np.isfinite(b[valid])).sum(axis=0)
+    columns = (missing == 0) if valid.any() else np.zeros(F, bool)
+    left_out = {names[j]: int(missing[j]) for j in np.nonzero(~columns)[0]} if valid.any() else {}
     if valid.sum() < MIN_SAMPLES:
         raise ValueError(
             f"detect needs at least {MIN_SAMPLES} samples with image tokens and finite scores; got "

@@ -8,7 +8,7 @@ import pytest
 
 import bye_fast
 from bye_fast import Scores
-from bye_fast.consensus import ConsensusDetector, valley_scan, valley_scan_reference
+from bye_fast.consensus import ConsensusDetector, size_grid, valley_scan, valley_scan_reference
 from bye_fast.detect import Detection
 
 
@@ -23,6 +23,31 @@ def test_valley_scan_matches_its_reference(seed):
     want = valley_scan_reference(y, 5, n // 3)
     assert got[1:] == want[1:]
     assert got[0] == pytest.approx(want[0], abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_valley_scan_on_the_size_grid_matches_its_reference(dtype):
+    rng = np.random.default_rng(11)
+    y = rng.normal(size=300).astype(dtype)
+    y[:30] = (2.5 + rng.normal(0, 0.05, 30)).astype(dtype)
+    ks = size_grid(5, 90)
+    assert ks[0] == 5 and ks[-1] == 90 and np.all(np.diff(ks) > 0) and np.all(ks[1:] / ks[:-1] <= 1.25)
+    assert set(range(5, 21)) <= set(ks.tolist()) and len(ks) < 50
+    got = valley_scan(y, 5, 90, sizes=ks)
+    want = valley_scan_reference(y.astype(np.float64), 5, 90, sizes=ks)
+    assert got[1] == want[1] and got[2] == pytest.approx(want[2], rel=1e-6)
+    assert got[0] == pytest.approx(want[0], abs=1e-9) and got[0] < -5
+
+
+def test_blocked_scan_equals_one_block():
+    """The block-wise read of the features (for large inputs) decides exactly as one block."""
+    scores, _ = _poisoned(seed=4)
+    one = ConsensusDetector().fit(scores)
+    small = ConsensusDetector()
+    small.block_width = 3  # instance override of the class default
+    small.fit(scores)
+    np.testing.assert_array_equal(one.flagged_, small.flagged_)
+    np.testing.assert_allclose(one.evidence_, small.evidence_)
 
 
 @pytest.mark.parametrize("n", [10, 20, 40, 100, 400])
