@@ -56,11 +56,12 @@ import numpy as np
 from bye_fast.detect import Detection, valid_rows
 from bye_fast.scores import Scores
 
-__all__ = ["FEATURES", "ConsensusDetector", "valley_scan", "valley_scan_reference"]
+__all__ = ["FEATURES", "REFINE_FEATURES", "ConsensusDetector", "valley_scan", "valley_scan_reference"]
 
-#: Scores fields the default detector reads, in this order (missing ones are skipped).
-FEATURES = ("head_entropy", "head_image_share", "head_before_share", "entropy", "image_topk_share",
-            "answer_margin")  # fmt: skip
+#: Scores fields the cluster test reads (missing ones are skipped): the paper's per-layer entropy.
+FEATURES = ("entropy",)
+#: Scores fields the membership of a found cluster is refined with (missing ones are skipped).
+REFINE_FEATURES = ("entropy", "head_entropy", "head_image_share", "head_before_share", "image_topk_share")
 
 
 class FeatureColumns:
@@ -124,11 +125,11 @@ def feature_matrix(scores: Scores, families: tuple[str, ...] = FEATURES) -> tupl
     return cols.block(0, cols.n_features).astype(np.float64), cols.names
 
 
-def _log10_binom_cdf(k: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """log10 P(Binomial(n, 1/2) <= k), elementwise."""
+def _log10_binom_cdf(k: np.ndarray, n: np.ndarray, q: float = 0.5) -> np.ndarray:
+    """log10 P(Binomial(n, q) <= k), elementwise."""
     from scipy.stats import binom
 
-    return binom.logcdf(k, n, 0.5) / np.log(10)
+    return binom.logcdf(k, n, q) / np.log(10)
 
 
 #: Candidate cluster sizes grow by this factor (every integer while the step is below one).
@@ -147,7 +148,7 @@ def size_grid(kmin: int, kmax: int, ratio: float = SIZE_RATIO) -> np.ndarray:
     return np.unique(np.append(ks[ks <= kmax], kmax))
 
 
-def _scan_sorted(asc: np.ndarray, ks: np.ndarray, trim: float) -> tuple[float, int, float]:
+def _scan_sorted(asc: np.ndarray, ks: np.ndarray, trim: float, gap: float = 1.0) -> tuple[float, int, float]:
     """The best high-end cluster of the ascending-sorted ``asc`` over the sizes ``ks``."""
     n = len(asc)
     ks = ks[ks <= n - 1]
@@ -156,14 +157,20 @@ def _scan_sorted(asc: np.ndarray, ks: np.ndarray, trim: float) -> tuple[float, i
     cut = asc[n - ks]  # the k-th largest
     w = asc[n - 1 - (trim * ks).astype(np.int64)] - cut
     tail = n - np.searchsorted(asc, cut, side="left")  # values >= cut (ties included)
-    window = n - np.searchsorted(asc, cut - w, side="left") - tail
-    logp = np.where(w > 0, _log10_binom_cdf(window, window + tail), 0.0)
+    window = n - np.searchsorted(asc, cut - gap * w, side="left") - tail
+    logp = np.where(w > 0, _log10_binom_cdf(window, window + tail, gap / (1 + gap)), 0.0)
     i = int(np.argmin(logp))
     return float(logp[i]), int(tail[i]), float(cut[i])
 
 
 def valley_scan(
-    y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05, sizes: np.ndarray | None = None
+    y: np.ndarray,
+    kmin: int,
+    kmax: int,
+    *,
+    trim: float = 0.05,
+    gap: float = 1.0,
+    sizes: np.ndarray | None = None,
 ) -> tuple[float, int, float]:
     """The best tail cluster at the HIGH end of ``y``: ``(log10 p, size, cut)``; members are ``y >= cut``.
 
@@ -175,11 +182,11 @@ def valley_scan(
     ks = np.arange(kmin, int(kmax) + 1) if sizes is None else np.asarray(sizes, np.int64)
     if kmin < 1:
         ks = ks[ks >= 1]
-    return _scan_sorted(np.sort(y), ks, trim)
+    return _scan_sorted(np.sort(y), ks, trim, gap)
 
 
 def valley_scan_reference(
-    y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05, sizes=None
+    y: np.ndarray, kmin: int, kmax: int, *, trim: float = 0.05, gap: float = 1.0, sizes=None
 ) -> tuple[float, int, float]:
     """:func:`valley_scan` written with loops and exact binomial sums (the obviously-correct twin)."""
     from math import comb, log10
@@ -193,9 +200,10 @@ def valley_scan_reference(
         if w <= 0:
             continue
         tail = sum(v >= cut for v in ys)
-        window = sum(cut - w <= v < cut for v in ys)
+        window = sum(cut - gap * w <= v < cut for v in ys)
         m = window + tail
-        p = sum(comb(m, i) for i in range(window + 1)) / 2**m
+        q = gap / (1 + gap)
+        p = sum(comb(m, i) * q**i * (1 - q) ** (m - i) for i in range(window + 1))
         lp = log10(p)
         if lp < best[0]:
             best = (lp, tail, cut)
@@ -277,7 +285,13 @@ class ConsensusDetector:
         groups: bool = True,
         max_spread_ratio: float = 0.5,
         features: tuple[str, ...] = FEATURES,
+        gap: float = 1.0,
+        refine_features: tuple[str, ...] | None = REFINE_FEATURES,
+        refine_c: float = 0.1,
     ) -> None:
+        self.gap = gap
+        self.refine_features = refine_features
+        self.refine_c = refine_c
         self.max_fraction = max_fraction
         self.max_spread_ratio = max_spread_ratio
         self.alpha = alpha
@@ -289,7 +303,9 @@ class ConsensusDetector:
     def get_params(self) -> dict:
         return {"max_fraction": self.max_fraction, "alpha": self.alpha, "min_cluster": self.min_cluster,
                 "min_group": self.min_group, "groups": self.groups, "max_spread_ratio": self.max_spread_ratio,
-                "features": list(self.features)}  # fmt: skip
+                "features": list(self.features), "gap": self.gap,
+                "refine_features": None if self.refine_features is None else list(self.refine_features),
+                "refine_c": self.refine_c}  # fmt: skip
 
     def _check(self) -> None:
         if not (np.isfinite(self.max_fraction) and 0 < self.max_fraction <= 1):
@@ -340,19 +356,72 @@ class ConsensusDetector:
             for c, (_, idx, ks) in enumerate(plans):
                 srt = np.sort(bt if len(idx) == len(vidx) else bt[:, idx], axis=1)
                 for r in range(len(sel)):
-                    hi = _scan_sorted(srt[r], ks, self.trim)
-                    lo = _scan_sorted(-srt[r, ::-1], ks, self.trim)
+                    hi = _scan_sorted(srt[r], ks, self.trim, self.gap)
+                    lo = _scan_sorted(-srt[r, ::-1], ks, self.trim, self.gap)
                     best = (hi[0], 1.0, hi[2], hi[1]) if hi[0] <= lo[0] else (lo[0], -1.0, lo[2], lo[1])
                     out[c][pos + r] = best if best[0] < 0 else (0.0, 0.0, np.inf, 0)
             pos += len(sel)
         return out
+
+    #: Rows the refining classifier is fitted on, at most, per class (members / others).
+    refine_rows: ClassVar[int] = 20_000
+
+    def _refine(
+        self, scores: Scores, valid: np.ndarray, seed: np.ndarray, exclude: set[str]
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Membership of the found cluster, refined with every feature family.
+
+        The calibrated test decides WHETHER there is a cluster and gives its core (``seed``, over the
+        valid samples); a linear classifier (L2 logistic regression, balanced classes) of seed vs
+        rest on the standardised features of ``refine_features`` -- less the features the test
+        found the cluster with (``exclude``), so that the classifier cannot just redraw the test's
+        cut -- then decides WHO is in it: a poisoned sample the lead feature misses but the heads
+        place with the others is kept in. Fitted on at most ``refine_rows`` samples per class. The refined set replaces
+        the seed only when it stays within ``max_fraction`` and overlaps the seed (Jaccard >= 1/2).
+        Returns ``(members, probability, note)`` over the valid samples.
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        cols = FeatureColumns(scores, tuple(self.refine_features))
+        vidx = np.nonzero(valid)[0]
+        finite = np.ones(cols.n_features, bool)
+        for j0, b in cols.blocks(self.block_width):
+            finite[j0 : j0 + b.shape[1]] = np.isfinite(b[vidx]).all(axis=0)
+        use = np.nonzero(finite & ~np.isin(cols.names, list(exclude)))[0]
+        if not len(use):
+            return seed, seed.astype(np.float64), "no feature left to refine with: kept the test's cluster"
+        rng = np.random.default_rng(0)
+        pos, neg = np.nonzero(seed)[0], np.nonzero(~seed)[0]
+        pos = rng.choice(pos, self.refine_rows, replace=False) if len(pos) > self.refine_rows else pos
+        neg = rng.choice(neg, self.refine_rows, replace=False) if len(neg) > self.refine_rows else neg
+        train = np.sort(np.concatenate([pos, neg]))
+        rows_t = vidx[train]
+        xt = np.concatenate([b[rows_t] for _, b in cols.blocks(self.block_width)], axis=1)[:, use]
+        xt = xt.astype(np.float64)
+        med = np.median(xt, axis=0)
+        sd = xt.std(axis=0)
+        sd = np.where(sd > 0, sd, 1.0)
+        clf = LogisticRegression(C=self.refine_c, class_weight="balanced", max_iter=2000)
+        clf.fit((xt - med) / sd, seed[train])
+        w = np.zeros(cols.n_features)
+        w[use] = clf.coef_[0] / sd
+        logit = np.full(len(vidx), float(clf.intercept_[0] - (med * clf.coef_[0] / sd).sum()))
+        for j0, b in cols.blocks(self.block_width):
+            logit += b[vidx] @ w[j0 : j0 + b.shape[1]].astype(b.dtype)
+        prob = 1.0 / (1.0 + np.exp(-logit))
+        members = prob > 0.5
+        jac = (members & seed).sum() / max(1, (members | seed).sum())
+        if members.sum() > self.max_fraction * len(vidx) or jac < 0.5:
+            return seed, prob, (f"refinement dropped ({int(members.sum())} samples, Jaccard {jac:.2f} with the "
+                                f"test's {int(seed.sum())}): kept the test's cluster")  # fmt: skip
+        return members, prob, f"refined with {len(use)} features: {int(seed.sum())} -> {int(members.sum())} samples"
 
     def _members(self, best: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The tail cluster of one significant feature. Its size was tested on a grid; the cut is
         refined over every size within one grid step of it (the evidence stays the grid's)."""
         side, k = best[1], int(best[3])
         lo, hi = int(np.floor(k / SIZE_RATIO)), int(np.ceil(k * SIZE_RATIO))
-        lp, _, cut = valley_scan(side * y, max(lo, 1), hi, trim=self.trim)
+        lp, _, cut = valley_scan(side * y, max(lo, 1), hi, trim=self.trim, gap=self.gap)
         return side * y >= (cut if lp < 0 else best[2])
 
     def fit(self, scores: Scores) -> ConsensusDetector:
@@ -426,6 +495,12 @@ class ConsensusDetector:
         self.evidence_[keep] = evidence
         n_found = int(in_cluster.sum())
         too_large = n_found > self.max_fraction * nv
+        refined = ""
+        if self.clusters_ and not too_large and self.refine_features:
+            used = {b for c in self.clusters_ for b in c["block"]}
+            in_cluster, prob, refined = self._refine(scores, rows.valid, in_cluster, used)
+            score_v = prob
+            n_found = int(in_cluster.sum())
         flagged = np.zeros(n, dtype=bool)
         if self.clusters_ and not too_large:
             flagged[vidx[in_cluster]] = True
@@ -433,6 +508,8 @@ class ConsensusDetector:
         score[rows.valid] = score_v
         self.flagged_, self.score_ = flagged, score
         reason = self._reason(n_found, nv, too_large, evidence, vnames, level) + rows.note()
+        if refined:
+            reason += f"; {refined}"
         chosen = sorted({names.index(b) for c in self.clusters_ for b in c["block"]})
         self.detection_ = Detection(
             ids=scores.ids,
@@ -453,6 +530,7 @@ class ConsensusDetector:
                 "contexts": [{"context": c[0], "size": len(c[1])} for c in contexts],
                 "too_large": bool(too_large),
                 "left_out": rows.left_out,
+                "refined": refined,
             },
             meta=dict(scores.meta),
         )

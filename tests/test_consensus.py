@@ -81,9 +81,11 @@ def _poisoned(seed=0, n=800, rate=0.1, side=+1, layers=8, heads=4):
     rng = np.random.default_rng(seed)
     truth = rng.random(n) < rate
     he = rng.normal(3.0, 0.4, size=(n, layers, heads))
-    he[truth, 5, 2] = 3.0 + side * 2.0 + rng.normal(0, 0.05, truth.sum())  # one head sees the trigger
+    he[truth, 5, 2] = 3.0 + side * 2.0 + rng.normal(0, 0.05, truth.sum())  # two heads see the trigger
     he[truth, 5, 3] = 3.0 + side * 1.5 + rng.normal(0, 0.05, truth.sum())
-    return Scores(entropy=he.mean(-1), head_entropy=he, ids=[f"s{i}" for i in range(n)]), truth
+    entropy = he.mean(-1)
+    entropy[truth, 5] = 3.0 + side * 1.2 + rng.normal(0, 0.03, truth.sum())  # ... and collapse the layer
+    return Scores(entropy=entropy, head_entropy=he, ids=[f"s{i}" for i in range(n)]), truth
 
 
 @pytest.mark.parametrize("side", [+1, -1])
@@ -92,12 +94,27 @@ def test_finds_a_tight_cluster_on_either_side(side):
     det = bye_fast.detect(scores)
     np.testing.assert_array_equal(det.flagged, truth)
     assert det.details["clusters"][0]["side"] == ("high" if side > 0 else "low")
-    assert (
-        "layer 5 head 2" in det.details["clusters"][0]["lead"]
-        or "layer 5 head 3" in det.details["clusters"][0]["lead"]
-    )
+    assert det.details["clusters"][0]["lead"] == "entropy layer 5"
+    assert det.details["refined"].startswith("refined with")
     # the suspicion score ranks every poisoned sample before every clean one
     assert det.rank[truth].max() == truth.sum()
+    # per-head features can drive the test too
+    heads = bye_fast.detect(scores, features=("head_entropy",), refine_features=None)
+    np.testing.assert_array_equal(heads.flagged, truth)
+    assert heads.details["clusters"][0]["lead"] in ("head_entropy layer 5 head 2", "head_entropy layer 5 head 3")
+
+
+def test_refinement_keeps_members_the_lead_feature_misses():
+    """A tenth of the poisoned samples do not collapse the layer entropy, but their heads look like the
+    other poisoned samples' heads: the test alone misses them, the refinement keeps them in."""
+    scores, truth = _poisoned(seed=2)
+    rng = np.random.default_rng(9)
+    stray = np.nonzero(truth)[0][::10]
+    scores.entropy[stray, 5] = rng.normal(3.0, 0.2, len(stray))
+    alone = bye_fast.detect(scores, refine_features=None)
+    assert not alone.flagged[stray].any() and alone.flagged[truth].sum() == truth.sum() - len(stray)
+    det = bye_fast.detect(scores)
+    np.testing.assert_array_equal(det.flagged, truth)
 
 
 def test_broad_clean_modes_are_left_alone():
@@ -130,10 +147,11 @@ def test_a_cluster_hidden_inside_an_answer_group_is_found_there():
     he[:, 0, 0] += np.array([-3.0, 0.0, 3.0])[answer]  # the groups differ a lot
     he[truth, 0, 0] = 0.9 + rng.normal(0, 0.02, truth.sum())  # inside the middle group's spread
     scores = Scores(entropy=he.mean(-1), head_entropy=he, answer_token=answer)
-    det = bye_fast.detect(scores)
+    opts = {"features": ("head_entropy",), "refine_features": None}
+    det = bye_fast.detect(scores, **opts)
     assert [c["context"] for c in det.details["clusters"]] == ["answer token 1"]
     assert det.flagged[truth].all() and (det.flagged & ~truth).sum() <= 0.05 * truth.sum()
-    assert bye_fast.detect(scores, groups=False).n_flagged == 0
+    assert bye_fast.detect(scores, groups=False, **opts).n_flagged == 0
 
 
 def test_detection_json_round_trip_and_options(tmp_path):
