@@ -246,8 +246,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     import torch
 
     import bye_fast
-    from bye_fast.data import make_loader
     from bye_fast.distributed import rank_and_world_size
+    from bye_fast.loader import make_loader
     from bye_fast.score import resolve_image_token_id
 
     out = Path(args.out)
@@ -456,8 +456,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     import bye_fast
-    from bye_fast.data import _same_file, audit_path
     from bye_fast.detect import Detection
+    from bye_fast.filter import _same_file, audit_path
 
     data = _need_input(args.data, "--data")
     detection = _need_input(args.detection, "--detection")
@@ -690,7 +690,7 @@ def _error_line(err: BaseException) -> tuple[int, str] | None:
         return USAGE, f"{where}exists; pass --overwrite to replace it" if where else _one_line(str(err))
     if isinstance(err, OSError):  # an input that cannot be read, an output that cannot be written
         if err.filename and err.strerror:
-            if err.strerror.startswith("record "):  # bye_fast.data: "record 'x': image file not found"
+            if err.strerror.startswith("record "):  # bye_fast.loader: "record 'x': image file not found"
                 return DATA, f"{_one_line(err.strerror)}: {err.filename}"
             return DATA, f"{err.filename}: {_one_line(err.strerror)}"
         return DATA, _one_line(str(err))
