@@ -151,6 +151,7 @@ def place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     except BaseException:
         os.replace(old / path.name, path)
+        shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

@@ -256,7 +256,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.reference and (args.checkpoint_dir or args.max_tokens_per_batch):
         raise UsageError("--checkpoint-dir and --max-tokens-per-batch need the fused path (no --reference)")
     _refuse_existing(out, args.overwrite)
-    _need_input(args.data, "--data")
+    _need_input(args.data, "--data", folder=Path(args.data).is_dir())  # a datasets or parquet folder
     if args.images is not None:
         _need_input(args.images, "--images", folder=True)
     if args.processor is not None:
@@ -459,7 +459,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     from bye_fast.detect import Detection
     from bye_fast.filter import _same_file, audit_path
 
-    data = _need_input(args.data, "--data")
+    data = _need_input(args.data, "--data", folder=Path(args.data).is_dir())
     detection = _need_input(args.detection, "--detection")
     for option, path in (("--out", Path(args.out)), ("--removed", audit_path(args.out, args.removed))):
         for name, source in (("--data", data), ("--detection", detection)):
@@ -558,8 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None,
                    help="peft adapter directory (e.g. the LoRA fine-tune being checked) to load onto --model")  # fmt: skip
     p.add_argument("--processor", help="processor directory (default: the model's directory)")
-    p.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
-    p.add_argument("--images", default=None, help="folder the records' image paths are relative to")
+    p.add_argument("--data", required=True,
+                   help="training data: LLaVA or messages records in a .json list or .jsonl, a .parquet file or "
+                        "folder of them, or a datasets save_to_disk folder; records without ids get their row "
+                        "index")  # fmt: skip
+    p.add_argument("--images", default=None,
+                   help="folder the records' image paths are relative to (images stored in the data need none)")  # fmt: skip
     p.add_argument("--out", required=True, help="where to write the scores (.npz)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)")
     p.add_argument("--num-workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default 0)")
@@ -612,9 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("filter", help="write the cleaned dataset and the audit file of removed samples")
-    p.add_argument("--data", required=True, help="the LLaVA-format data that was scored (never modified)")
+    p.add_argument("--data", required=True, help="the data that was scored, as given to score (never modified)")
     p.add_argument("--detection", required=True, help="detection.json from `bye-fast detect`")
-    p.add_argument("--out", required=True, help="cleaned dataset to write (.json or .jsonl)")
+    p.add_argument("--out", required=True,
+                   help="cleaned dataset to write, in the format of --data (.json or .jsonl for JSON data, "
+                        ".parquet for a parquet file, a folder for a parquet or datasets folder)")  # fmt: skip
     p.add_argument(
         "--removed", default=None, help="audit file of removed records (default: <out stem>.removed.json)"
     )

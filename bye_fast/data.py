@@ -1,5 +1,6 @@
-"""LLaVA-format instruction data: the names of :mod:`bye_fast.records`, :mod:`bye_fast.prompts`,
-:mod:`bye_fast.loader` and :mod:`bye_fast.filter` in one place.
+"""Instruction data (LLaVA or messages records; JSON, JSONL, parquet, ``datasets`` folders): the names
+of :mod:`bye_fast.records`, :mod:`bye_fast.prompts`, :mod:`bye_fast.loader` and :mod:`bye_fast.filter`
+in one place.
 
 This module only re-exports, so that ``from bye_fast.data import make_loader``
 (and the other names it always had) keeps working:
@@ -24,19 +25,28 @@ from bye_fast.loader import (
     make_loader,
     shard_indices,
 )
-from bye_fast.prompts import build_prompt
+from bye_fast.prompts import CHAT_TEMPLATES, IMAGE_PLACEMENTS, PromptOptions, build_prompt
 from bye_fast.records import (
+    FORMATS,
     HUMAN_ROLES,
     IMAGE_PLACEHOLDER,
+    DataSource,
+    TableRecords,
     _id_key,
     _image_paths,
     load_records,
+    read_dataset,
+    record_ids,
     skipped_records,
 )
 
 __all__ = [
     "AUDIT_KEY",
+    "CHAT_TEMPLATES",
+    "FORMATS",
+    "IMAGE_PLACEMENTS",
     "BadImageError",
+    "DataSource",
     "FilterReport",
     "HUMAN_ROLES",
     "IMAGE_PLACEHOLDER",
@@ -44,11 +54,15 @@ __all__ = [
     "LlavaDataset",
     "LlavaLoader",
     "ON_BAD_IMAGE",
+    "PromptOptions",
+    "TableRecords",
     "audit_path",
     "build_prompt",
     "filter_dataset",
     "load_records",
     "make_loader",
+    "read_dataset",
+    "record_ids",
     "shard_indices",
     "skipped_records",
 ]

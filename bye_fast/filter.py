@@ -7,6 +7,7 @@ writer of :mod:`bye_fast._io`: a reader sees the old pair or the new one.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -17,8 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from bye_fast._io import fsync_dir, place, remove, temp_file
-from bye_fast.records import PathLike, _file_format, _id_key, _preview, _read, skipped_records
+from bye_fast._io import fsync_dir, place, remove, temp_file, temp_folder
+from bye_fast.records import (
+    DataSource,
+    PathLike,
+    _file_format,
+    _id_key,
+    _preview,
+    read_dataset,
+    skipped_records,
+)
 
 __all__ = ["AUDIT_KEY", "FilterReport", "audit_path", "filter_dataset"]
 
@@ -114,7 +123,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _match(records: list[dict], detection: Any, src: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _match(src_ids: list, detection: Any, src: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per record of ``src``: the detection row it came from (-1: not scored), and the per-sample info."""
     for attr in ("ids", "flagged", "score"):
         if not hasattr(detection, attr):
@@ -139,7 +148,7 @@ def _match(records: list[dict], detection: Any, src: Path) -> tuple[np.ndarray, 
         if key in row:
             raise ValueError(f"detection.ids has duplicate id {rid!r}")
         row[key] = i
-    src_keys = [_id_key(r["id"]) for r in records]
+    src_keys = [_id_key(rid) for rid in src_ids]
     known = set(src_keys)
     unknown = [rid for rid in det_ids if _id_key(rid) not in known]
     if unknown:
@@ -153,7 +162,7 @@ def _match(records: list[dict], detection: Any, src: Path) -> tuple[np.ndarray, 
                 f"the detection lists id {entry['id']!r} as skipped (not scored) but it is {where}"
             )
         unscored[key] = entry
-    missing = [r["id"] for r, k in zip(records, src_keys, strict=True) if k not in row and k not in unscored]
+    missing = [rid for rid, k in zip(src_ids, src_keys, strict=True) if k not in row and k not in unscored]
     if missing:
         raise ValueError(f"{len(missing)} id(s) of {src} are not in the detection: {_preview(missing)}")
     rows = np.array([row.get(k, -1) for k in src_keys], dtype=np.int64)
@@ -170,6 +179,58 @@ def _dump(records: Iterable[Any], f, fmt: str) -> None:
         f.write("\n")
 
 
+_FORMAT_NAMES = {"hf": "datasets save_to_disk folder", "parquet-dir": "folder of parquet files"}
+
+
+def _audit_safe(value: Any) -> Any:
+    """A table row made JSON-ready for the audit file: embedded images as ``{"path", "n_bytes", "sha256"}``."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"n_bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, Mapping):
+        if isinstance(value.get("bytes"), (bytes, bytearray)) and set(value) <= {"bytes", "path"}:
+            return {"path": value.get("path"), **_audit_safe(value["bytes"])}
+        return {str(k): _audit_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_audit_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # dates, decimals, PIL images...
+
+
+def _stage(source: DataSource, kept: np.ndarray, dst: Path, mode: int | None) -> Path:
+    """Write the kept records of ``source`` beside ``dst`` in its format; return the temp file or folder."""
+    fmt = source.format
+    if fmt in ("json", "jsonl"):
+        out_fmt = _file_format(dst)
+        with temp_file(dst, encoding="utf-8", newline="\n", file_mode=mode) as (f, tmp):
+            _dump((source.records[i] for i in kept.tolist()), f, fmt if out_fmt == "unknown" else out_fmt)
+        return tmp
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        with temp_file(dst, "wb", file_mode=mode) as (f, tmp):
+            pq.write_table(source.table.take(kept), f)
+        return tmp
+    with temp_folder(dst) as tmp:
+        if fmt == "parquet-dir":
+            start = 0
+            for file, n in source.files:
+                part = kept[(kept >= start) & (kept < start + n)] - start
+                pq.write_table(source.table.slice(start, n).take(part), tmp / file.name)
+                start += n
+        else:  # "hf"
+            import datasets
+
+            quiet = not datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()
+            try:
+                source.dataset.select(kept.tolist()).save_to_disk(str(tmp))
+            finally:
+                if not quiet:
+                    datasets.enable_progress_bars()
+    return tmp
+
+
 def filter_dataset(
     src: PathLike,
     detection: Any,
@@ -183,20 +244,26 @@ def filter_dataset(
     Parameters
     ----------
     src : str or os.PathLike
-        The LLaVA-format dataset that was scored (JSON or JSONL). Never modified.
+        The dataset that was scored (any format of :func:`bye_fast.records.read_dataset`:
+        LLaVA or messages JSON/JSONL, a parquet file or folder of them, a
+        ``datasets`` ``save_to_disk`` folder). Never modified.
     detection : object
         Anything with ``.ids`` (sequence), ``.flagged`` (bool array, same
         length) and ``.score`` (float array, same length: the suspicion), in any
         order. Its ids must be exactly the ids of ``src``, matched by text:
         an int id ``3`` and a string id ``"3"`` are the same id, ``"03"`` is
-        not -- except the records its ``meta["skipped"]`` lists (records that
+        not; records without ids are matched by their row index, the ids that
+        scoring gave them -- except the records its ``meta["skipped"]`` lists (records that
         ``bye-fast score --on-bad-image skip`` could not score, see
         :func:`skipped_records`): those are kept, unchecked, and counted in
         ``FilterReport.n_unscored``.
     dst : str or os.PathLike
-        Where the kept records go: every field preserved, in ``src`` order. JSON
-        (a list, indented) for a ``.json`` suffix, JSONL for ``.jsonl``/``.ndjson``,
-        else the format of ``src``.
+        Where the kept records go: every field preserved, in ``src`` order, in
+        ``src``'s format. A JSON/JSONL source: JSON (a list, indented) for a
+        ``.json`` suffix, JSONL for ``.jsonl``/``.ndjson``, else the format of
+        ``src``. A parquet file: a parquet file (same schema). A folder of
+        parquet files: a folder with the same file names, each holding its kept
+        rows. A ``datasets`` folder: a ``save_to_disk`` folder (same features).
     removed_path : str or os.PathLike, optional
         Where the removed records go (format chosen the same way); default
         ``<dst stem>.removed.json`` next to ``dst``. Each is the source record
@@ -205,7 +272,9 @@ def filter_dataset(
         values -- the attributes named by ``detection.per_sample_fields`` if it
         has one, else every public attribute that is a 1-D or 2-D numeric or
         string array with one row per sample. Non-finite floats are written as
-        ``null``.
+        ``null``. Always JSON (or JSONL): from a parquet or ``datasets`` source,
+        an embedded image is written as ``{"path", "n_bytes", "sha256"}`` (not
+        its bytes), and other values JSON lacks as text.
     overwrite : bool
         Replace existing ``dst`` / ``removed_path`` files.
 
@@ -226,7 +295,8 @@ def filter_dataset(
 
     Notes
     -----
-    Both files are written to fsync'ed temp files in their target directories,
+    Both outputs are written to fsync'ed temp files (a temp folder for a folder)
+    in their target directories,
     then renamed into place with ``os.replace``: the audit file first, ``dst``
     last. On any failure the temp files are deleted and, if the rename of
     ``dst`` failed, the just-renamed audit file is undone too (the previous
@@ -248,29 +318,50 @@ def filter_dataset(
             if out.exists() or out.is_symlink():
                 raise FileExistsError(errno.EEXIST, "output exists (overwrite=True replaces it)", str(out))
 
-    records, src_format = _read(src)
-    rows, info = _match(records, detection, src)
+    source = read_dataset(src)
+    records, src_format, table_source = source.records, source.format, source.table is not None
+    if source.path.is_dir():
+        for name, out in (("dst", dst), ("removed_path", removed)):
+            if source.path.resolve() in out.resolve().parents:
+                raise ValueError(f"refusing to write {name} {out} inside the source dataset folder {src}")
+    if src_format == "parquet" and dst.suffix.lower() != ".parquet":
+        raise ValueError(f"{src} is a parquet file: dst must be one too (a .parquet name), got {dst}")
+    if src_format in ("hf", "parquet-dir") and dst.suffix.lower() in (
+        ".json",
+        ".jsonl",
+        ".ndjson",
+        ".parquet",
+    ):
+        raise ValueError(
+            f"{src} is a {_FORMAT_NAMES[src_format]}: dst is a folder of the same kind, got {dst}"
+        )
+    rows, info = _match(source.ids, detection, src)
     flagged = np.zeros(len(records), dtype=bool)  # a record that was not scored (row -1) is kept
     flagged[rows >= 0] = np.asarray(detection.flagged)[rows[rows >= 0]]
-    kept = [r for r, f in zip(records, flagged, strict=True) if not f]
+    kept_index = np.flatnonzero(~flagged)
     audit = []
     for index in np.flatnonzero(flagged).tolist():
         record = records[index]
         if AUDIT_KEY in record:
-            raise ValueError(f"{src}: record {index} (id {record['id']!r}) already has a {AUDIT_KEY!r} key")
+            rid = f" (id {record['id']!r})" if "id" in record else ""
+            raise ValueError(f"{src}: record {index}{rid} already has a {AUDIT_KEY!r} key")
         entry = {"index": index}
         entry.update({k: _jsonable(v[rows[index]].tolist()) for k, v in info.items()})
-        audit.append({**record, AUDIT_KEY: entry})
+        audit.append({**(_audit_safe(record) if table_source else record), AUDIT_KEY: entry})
 
-    mode = os.stat(src).st_mode & 0o777
+    mode = os.stat(src).st_mode & 0o777 if not source.path.is_dir() else None
     tmps: list[Path] = []
     backup: Path | None = None  # the audit file being overwritten, restored if dst cannot be placed
     try:
-        for out, content in ((removed, audit), (dst, kept)):
-            fmt = _file_format(out)
-            with temp_file(out, encoding="utf-8", newline="\n", file_mode=mode) as (f, tmp):
-                tmps.append(tmp)
-                _dump(content, f, src_format if fmt == "unknown" else fmt)
+        fmt = _file_format(removed)
+        with temp_file(removed, encoding="utf-8", newline="\n", file_mode=mode) as (f, tmp):
+            tmps.append(tmp)
+            _dump(
+                audit,
+                f,
+                "jsonl" if fmt == "jsonl" or (fmt == "unknown" and src_format == "jsonl") else "json",
+            )
+        tmps.append(_stage(source, kept_index, dst, mode))
         if removed.exists():
             backup = tmps[0].with_name(f"{tmps[0].name}.previous")
             try:
@@ -297,4 +388,5 @@ def filter_dataset(
             remove(backup)
     for parent in {dst.parent.resolve(), removed.parent.resolve()}:
         fsync_dir(parent)
-    return FilterReport(len(records), len(kept), len(audit), dst, removed, int((rows < 0).sum()))
+    n_kept = len(kept_index)
+    return FilterReport(len(records), n_kept, len(audit), dst, removed, int((rows < 0).sum()))

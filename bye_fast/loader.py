@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bye_fast.prompts import _question_and_images, build_prompt
-from bye_fast.records import PathLike, _image_paths, _preview, _validate, load_records
+from bye_fast.prompts import PromptOptions, _question, _question_and_images, _render
+from bye_fast.records import DataSource, PathLike, _image_values, _preview, _validate, read_dataset
 
 __all__ = [
     "ON_BAD_IMAGE",
@@ -64,11 +65,14 @@ def _image_problem(err: Exception, path: Path) -> str:
 
 
 class LlavaDataset(Dataset):
-    """Prompts and images of LLaVA-format records, in record order.
+    """Prompts and images of records (LLaVA or messages, see :mod:`bye_fast.records`), in record order.
 
     Items are ``{"id": record id, "prompt": str, "images": [PIL.Image in RGB]}``
     (``images`` is empty for a text-only record). Prompts are built lazily with
-    :func:`build_prompt`; placeholder/image mismatches are checked up front.
+    :func:`bye_fast.prompts.build_prompt` and the ``prompt`` options;
+    placeholder/image mismatches are checked up front. Images are read from
+    paths (relative to ``image_folder``), embedded bytes or ``{"bytes", "path"}``
+    dicts (a ``datasets`` or parquet image column), or PIL images.
 
     Parameters
     ----------
@@ -79,6 +83,11 @@ class LlavaDataset(Dataset):
         paths are used as they are). ``None``: relative to the working directory.
     processor : transformers.ProcessorMixin
         Used for its chat template only; batching is :class:`LlavaCollator`'s job.
+    ids : sequence, optional
+        The records' ids (a shard of a dataset whose ids are row indices); default:
+        their ``"id"`` fields, or their positions when none has one.
+    prompt : PromptOptions, optional
+        How prompts are built (default: ``PromptOptions()``).
     on_bad_image : "error" or "skip"
         What to do with a record one of whose images cannot be read (missing,
         empty, truncated, not an image, a decompression bomb): raise (default),
@@ -104,16 +113,21 @@ class LlavaDataset(Dataset):
         processor: Any,
         *,
         on_bad_image: str = "error",
+        ids: Sequence[Any] | None = None,
+        prompt: PromptOptions | None = None,
     ) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}; got {on_bad_image!r}")
-        _validate(records, "<records>")
-        for record in records:
-            _question_and_images(record)
+        if ids is not None and len(ids) != len(records):
+            raise ValueError(f"{len(ids)} ids for {len(records)} records")
+        self.ids = _validate(records, "<records>", ids=ids)
+        for rid, record in zip(self.ids, records, strict=True):
+            _question_and_images(record, rid)
         self.records = records
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.processor = processor
         self.on_bad_image = on_bad_image
+        self.prompt = prompt if prompt is not None else PromptOptions()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -122,30 +136,70 @@ class LlavaDataset(Dataset):
         """Where an image path of a record points."""
         return self.image_folder / relpath if self.image_folder is not None else Path(relpath)
 
+    def _open(self, value: Any) -> Image.Image:
+        """An image value of a record (a path, bytes, a ``{"bytes", "path"}`` dict, a PIL image) in RGB."""
+        if isinstance(value, Mapping) and not value.get("bytes"):
+            value = value.get("path")
+        if isinstance(value, str):
+            path = self.image_path(value)
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        if isinstance(value, Mapping):  # datasets.Image storage: {"bytes": ..., "path": name or None}
+            with Image.open(io.BytesIO(value["bytes"])) as im:
+                return im.convert("RGB")
+        if isinstance(value, (bytes, bytearray)):
+            with Image.open(io.BytesIO(value)) as im:
+                return im.convert("RGB")
+        return value.convert("RGB")
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+        record, rid = self.records[index], self.ids[index]
         images = []
-        for rel in _image_paths(record):
-            path = self.image_path(rel)
+        for value in _image_values(record):
             try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            except Exception as e:  # any failure to open or decode this file is this record's
-                reason = _image_problem(e, path)
+                images.append(self._open(value))
+            except Exception as e:  # any failure to open or decode this image is this record's
+                where = _where(value, self)
+                path = Path(where) if isinstance(value, (str, Mapping)) and not _embedded(value) else None
+                reason = _image_problem(e, path) if path is not None else _bytes_problem(e, value)
                 if self.on_bad_image == "skip":
-                    return {
-                        "id": record["id"],
-                        "skipped": {"id": record["id"], "image": str(path), "reason": reason},
-                    }
-                if isinstance(e, FileNotFoundError):
+                    return {"id": rid, "skipped": {"id": rid, "image": where, "reason": reason}}
+                if isinstance(e, FileNotFoundError) and path is not None:
                     raise FileNotFoundError(
-                        errno.ENOENT, f"record {record['id']!r}: image file not found", str(path)
+                        errno.ENOENT, f"record {rid!r}: image file not found", where
                     ) from None
                 raise BadImageError(
-                    f"record {record['id']!r}: cannot read image {path}: {reason}",
-                    record_id=record["id"], path=str(path), reason=reason,
-                ) from e  # fmt: skip
-        return {"id": record["id"], "prompt": build_prompt(record, self.processor), "images": images}
+                    f"record {rid!r}: cannot read image {where}: {reason}",
+                    record_id=rid,
+                    path=where,
+                    reason=reason,
+                ) from e
+        prompt = _render(_question(record, rid), self.processor, self.prompt)
+        return {"id": rid, "prompt": prompt, "images": images}
+
+
+def _embedded(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value.get("bytes"))
+
+
+def _where(value: Any, dataset: LlavaDataset) -> str:
+    """How an image value is named in messages: its path, or what it is."""
+    if isinstance(value, Mapping):
+        if _embedded(value):
+            return f"{value.get('path') or 'image bytes'} (embedded)"
+        value = value.get("path")
+    if isinstance(value, str):
+        return str(dataset.image_path(value))
+    return "image bytes" if isinstance(value, (bytes, bytearray)) else type(value).__name__
+
+
+def _bytes_problem(err: Exception, value: Any) -> str:
+    """Why ``PIL`` could not read embedded image bytes, in a few words."""
+    if isinstance(err, Image.DecompressionBombError):
+        return f"too large to decode safely ({err})"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image PIL can read"
+    return f"{err}" if str(err) else type(err).__name__
 
 
 class LlavaCollator:
@@ -269,13 +323,19 @@ def make_loader(
     rank: int | None = None,
     world_size: int | None = None,
     on_bad_image: str = "error",
+    chat_template: str | os.PathLike = "processor",
+    system_prompt: str | None = None,
+    image_placement: str = "inline",
 ) -> LlavaLoader:
     """An ordered (unshuffled) ``DataLoader`` of processor batches with ``"ids"``.
 
     Parameters
     ----------
-    records_or_path : str, os.PathLike or sequence of Mapping
-        A dataset file (read with :func:`load_records`) or the records.
+    records_or_path : str, os.PathLike, DataSource or sequence of Mapping
+        A dataset (a file or folder read with :func:`bye_fast.records.read_dataset`:
+        LLaVA or messages JSON/JSONL, parquet, a ``datasets`` folder), what
+        ``read_dataset`` returned, or the records (ids: their ``"id"`` fields,
+        or their positions when none has one).
     image_folder : str, os.PathLike or None
         See :class:`LlavaDataset`.
     processor : transformers.ProcessorMixin
@@ -290,6 +350,10 @@ def make_loader(
         A record with an image that cannot be read: raise, naming the record
         and the file (default), or leave the record out of its batch and list
         it in ``loader.skipped`` (see :class:`LlavaDataset`, :class:`LlavaLoader`).
+    chat_template, system_prompt, image_placement
+        How prompts are built: see :class:`bye_fast.prompts.PromptOptions`
+        (defaults: the processor's template, no system prompt, images where the
+        record puts them).
 
     Returns
     -------
@@ -297,20 +361,23 @@ def make_loader(
         A ``torch.utils.data.DataLoader``: batches as made by
         :class:`LlavaCollator`, in record order, without skipped records.
     """
+    prompt = PromptOptions(chat_template, system_prompt, image_placement)
     if isinstance(records_or_path, (str, os.PathLike)):
-        records = load_records(records_or_path)
+        records_or_path = read_dataset(records_or_path)
+    if isinstance(records_or_path, DataSource):
+        records, ids = records_or_path.records, records_or_path.ids
     else:
         records = records_or_path
-        _validate(records, "<records>")
+        ids = _validate(records, "<records>")
     if (rank is None) != (world_size is None):
         raise ValueError(f"give both rank and world_size or neither: rank={rank}, world_size={world_size}")
     if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if rank is not None:
         shard = shard_indices(len(records), rank, world_size)
-        records = [records[i] for i in shard]
+        records, ids = records[shard.start : shard.stop], ids[shard.start : shard.stop]
     return LlavaLoader(
-        LlavaDataset(records, image_folder, processor, on_bad_image=on_bad_image),
+        LlavaDataset(records, image_folder, processor, on_bad_image=on_bad_image, ids=ids, prompt=prompt),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -1,38 +1,83 @@
-"""Reading and validating LLaVA-format instruction data.
+"""Reading and validating instruction data: LLaVA and "messages" records, from JSON, JSONL, parquet
+or a HF ``datasets`` folder.
 
-The LLaVA instruction-tuning format is a JSON list (or JSONL, one record per
-line) of records such as::
+Record schemas
+--------------
+* **LLaVA** (``"conversations"``)::
 
-    {"id": "000123",
-     "image": "coco/000123.jpg",            # or a list of paths, or absent
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
-                       {"from": "gpt", "value": "A cat."}],
-     ...any other fields...}
+      {"id": "000123",
+       "image": "coco/000123.jpg",            # or a list of images, or absent
+       "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
+                         {"from": "gpt", "value": "A cat."}],
+       ...any other fields...}
+
+* **messages** (ShareGPT / OpenAI style, ``"messages"``)::
+
+      {"messages": [{"role": "system", "content": "You are ..."},           # optional
+                    {"role": "user", "content": "<image>What is shown?"},   # or a list of parts:
+                    # "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]
+                    {"role": "assistant", "content": "A cat."}],
+       "images": ["coco/000123.jpg"],          # or "image": one image
+       ...any other fields...}
+
+An image is a path (relative to the image folder), or -- in a HF dataset or
+parquet file -- an image column's value: ``{"bytes": ..., "path": ...}`` (how
+``datasets.Image`` stores it), raw bytes, or a ``PIL.Image``. Either schema may
+name its images ``"image"`` (one or a list) or ``"images"`` (a list).
+
+Containers (:func:`read_dataset`)
+---------------------------------
+* a ``.json`` file holding a list of records, or JSONL (``.jsonl``/``.ndjson``,
+  or a ``.json`` file that does not start with ``[``), one record per line;
+* a ``.parquet`` file, or a folder of ``*.parquet`` files (read in name order
+  as one table), one record per row;
+* a folder written by ``datasets.Dataset.save_to_disk`` (one split).
 
 Conventions
 -----------
 * Record positions in messages are 0-based (``record 0`` is the first one);
   JSONL messages also give the 1-based line number.
-* Human turns are those whose ``"from"`` is ``"human"`` or ``"user"``
-  (case-insensitive); only the first one is used for the prompt.
+* Human turns are those whose ``"from"`` (LLaVA) or ``"role"`` (messages) is
+  ``"human"`` or ``"user"`` (case-insensitive); only the first one is used for
+  the prompt, with a ``"system"`` turn before it.
 * Ids are ``str`` or ``int`` and are compared by their text: the integer ``3``
   and the string ``"3"`` are the same id (so they count as duplicates within
   one file, and a detection id ``"3"`` -- e.g. from a numpy string array --
   matches a record id ``3``), while ``"03"`` is a different id. Booleans and
   floats are not ids.
+* **Records without ids**: when NO record of a dataset has an ``"id"`` field,
+  each record's id is its row index (0-based position in the file or table;
+  a folder of parquet files counts on across its files in name order). Scoring
+  and :func:`bye_fast.filter.filter_dataset` use the same rule, so they match.
+  A dataset where some records have an id and some do not is refused, and so
+  is a LLaVA JSON/JSONL file without ids (the LLaVA format has them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["HUMAN_ROLES", "IMAGE_PLACEHOLDER", "load_records", "skipped_records"]
+__all__ = [
+    "FORMATS",
+    "HUMAN_ROLES",
+    "IMAGE_PLACEHOLDER",
+    "DataSource",
+    "TableRecords",
+    "load_records",
+    "read_dataset",
+    "record_ids",
+    "skipped_records",
+]
+
+#: Container formats :func:`read_dataset` reads (``DataSource.format``).
+FORMATS = ("json", "jsonl", "parquet", "parquet-dir", "hf")
 
 #: The image placeholder of the LLaVA data format (independent of the model's image token).
 IMAGE_PLACEHOLDER = "<image>"
@@ -82,55 +127,169 @@ def _file_format(path: Path, text: str | None = None) -> str:
     return "jsonl"
 
 
-def _record_problem(record: Any) -> str | None:
-    """What is wrong with one record (not counting duplicate ids), or None."""
-    if not isinstance(record, Mapping):
-        return f"a record must be a JSON object, got {type(record).__name__}"
-    if "id" not in record:
-        return "record has no 'id'"
-    rid = record["id"]
-    try:
-        _id_key(rid)
-    except TypeError as e:
-        return str(e)
-    images = record.get("image")
-    if images is not None:
-        paths = [images] if isinstance(images, str) else images
-        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-            return f"(id {rid!r}): 'image' must be a non-empty path or a list of them, got {images!r}"
-    conversations = record.get("conversations")
-    if conversations is None:
-        return f"(id {rid!r}): record has no 'conversations'"
-    if not isinstance(conversations, list) or not all(isinstance(t, Mapping) for t in conversations):
-        return f"(id {rid!r}): 'conversations' must be a list of objects"
-    turn = _first_human_turn(conversations)
-    if turn is None:
-        roles = sorted(HUMAN_ROLES)
-        return f"(id {rid!r}): 'conversations' has no human turn (a turn whose 'from' is one of {roles})"
-    if not isinstance(turn.get("value"), str):
-        return f"(id {rid!r}): the first human turn has no text 'value'"
+def _is_image_value(value: Any) -> bool:
+    """A path, bytes, a ``{"bytes", "path"}`` dict (``datasets.Image``'s storage) or a PIL image."""
+    if isinstance(value, str):
+        return bool(value)
+    if isinstance(value, (bytes, bytearray)):
+        return len(value) > 0
+    if isinstance(value, Mapping):
+        raw, path = value.get("bytes"), value.get("path")
+        return (
+            bool(raw)
+            and isinstance(raw, (bytes, bytearray))
+            or (not raw and isinstance(path, str) and bool(path))
+        )
+    return hasattr(value, "convert") and hasattr(value, "size")  # PIL.Image.Image, without importing PIL here
+
+
+def _image_field(record: Mapping) -> tuple[str | None, Any]:
+    """``("images", value)`` or ``("image", value)``: the record's image field (None: no images)."""
+    has_images = record.get("images") is not None
+    if has_images and record.get("image") is not None:
+        raise ValueError("record has both 'image' and 'images'; give one of them")
+    if has_images:
+        return "images", record["images"]
+    if record.get("image") is not None:
+        return "image", record["image"]
+    return None, None
+
+
+def _image_values(record: Mapping) -> list:
+    """The record's images (paths, bytes, ``{"bytes", "path"}`` dicts or PIL images), in order."""
+    _, images = _image_field(record)
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+#: The old name (LLaVA images are paths).
+_image_paths = _image_values
+
+
+def _schema(record: Mapping) -> str | None:
+    """``"messages"``, ``"llava"``, or None when the record has neither list."""
+    if record.get("messages") is not None:
+        return "messages"
+    if record.get("conversations") is not None:
+        return "llava"
     return None
 
 
-def _validate(records: Iterable[Any], source: str, where: Callable[[int], str] | None = None) -> None:
-    """Validate all records and the uniqueness of their ids; ``where(i)`` names record ``i``."""
+def _turn_problem(turn: Mapping, schema: str) -> str | None:
+    """What is wrong with a human/system turn's text, or None."""
+    if schema == "llava":
+        return None if isinstance(turn.get("value"), str) else "has no text 'value'"
+    content = turn.get("content")
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return f"'content' must be a string or a list of parts, got {type(content).__name__}"
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                return f"part {k} is a text part without a string 'text'"
+        elif kind != "image":
+            return f"part {k} must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}, got {part!r}"
+    return None
+
+
+def _record_problem(record: Any, *, id_required: bool = True) -> str | None:
+    """What is wrong with one record (not counting duplicate ids), or None."""
+    if not isinstance(record, Mapping):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    if "id" in record:
+        rid = record["id"]
+        try:
+            _id_key(rid)
+        except TypeError as e:
+            return str(e)
+        who = f"(id {rid!r}): "
+    elif id_required:
+        return "record has no 'id'"
+    else:
+        who = ""
+    try:
+        name, images = _image_field(record)
+    except ValueError as e:
+        return f"{who}{e}"
+    if images is not None:
+        values = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not all(_is_image_value(v) for v in values):
+            shown = images if isinstance(images, (str, list, int, float)) else type(images).__name__
+            return (
+                f"{who}{name!r} must be an image (a non-empty path, bytes or a {{'bytes', 'path'}} dict) or a "
+                f"list of them, got {shown!r}"
+            )
+    schema = _schema(record)
+    if schema is None:
+        return f"{who}record has no 'conversations' (LLaVA) or 'messages' list"
+    key = "conversations" if schema == "llava" else "messages"
+    turns = record.get(key)
+    if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
+        return f"{who}{key!r} must be a list of objects"
+    turn = _first_human_turn(turns)
+    if turn is None:
+        roles, role_key = sorted(HUMAN_ROLES), "from" if schema == "llava" else "role"
+        return f"{who}{key!r} has no human turn (a turn whose {role_key!r} is one of {roles})"
+    problem = _turn_problem(turn, schema)
+    if problem is not None:
+        return f"{who}the first human turn {problem}"
+    system = _system_turn(turns)
+    if system is not None and _turn_problem(system, schema) is not None:
+        return f"{who}the system turn {_turn_problem(system, schema)}"
+    return None
+
+
+def _validate(
+    records: Sequence[Any],
+    source: str,
+    where: Callable[[int], str] | None = None,
+    *,
+    llava_ids_required: bool = False,
+    ids: Sequence[Any] | None = None,
+) -> list:
+    """Validate all records and the uniqueness of their ids; ``where(i)`` names record ``i``.
+
+    Returns the records' ids: their ``"id"`` fields, or their row indices when no record has one
+    (see the module docstring). ``llava_ids_required``: a LLaVA record without an id is an error even
+    then (LLaVA JSON/JSONL). ``ids``: the ids, already known (a shard of a dataset): only checked for
+    duplicates.
+    """
     where = where or (lambda i: f"{source}: record {i}")
+    have_ids = ids is None and any(isinstance(r, Mapping) and "id" in r for r in records)
     seen: dict[str, int] = {}
+    out = []
     for i, record in enumerate(records):
-        problem = _record_problem(record)
+        required = ids is None and (have_ids or (llava_ids_required and isinstance(record, Mapping)
+                                                 and _schema(record) == "llava"))  # fmt: skip
+        problem = _record_problem(record, id_required=required)
         if problem is not None:
+            if problem == "record has no 'id'" and have_ids:
+                problem += (
+                    " (other records have one: give every record an id, or none, and the row index is used)"
+                )
             sep = "" if problem.startswith("(") else ":"  # "file: record 3 (id 'x'): ..."
             raise ValueError(f"{where(i)}{sep} {problem}")
-        key = _id_key(record["id"])
+        rid = ids[i] if ids is not None else (record["id"] if have_ids else i)
+        out.append(rid)
+        key = _id_key(rid)
         first = seen.setdefault(key, i)
         if first != i:
-            rid, other = record["id"], records[first]["id"] if isinstance(records, Sequence) else None
-            same = f" (same as id {other!r})" if other is not None and other != rid else ""
+            other = out[first]
+            same = f" (same as id {other!r})" if other != rid else ""
             raise ValueError(f"{where(i)}: duplicate id {rid!r}{same}, first seen at {where(first)}")
+    return out
 
 
-def load_records(path: PathLike) -> list[dict]:
-    """Read and validate a LLaVA-format dataset (JSON list or JSONL).
+def record_ids(records: Sequence[Mapping]) -> list:
+    """The ids of ``records`` (validated): their ``"id"`` fields, or their row indices when none has one."""
+    return _validate(records, "<records>")
+
+
+def load_records(path: PathLike) -> Sequence[Mapping]:
+    """Read and validate a dataset: LLaVA or messages records, in any container of :func:`read_dataset`.
 
     Parameters
     ----------
@@ -139,12 +298,14 @@ def load_records(path: PathLike) -> list[dict]:
         file with one record per line (blank lines are skipped). A file with
         another suffix, or a ``.json`` file that does not start with ``[``, is
         read as JSONL -- unless it is one JSON object that is not a one-line
-        record (e.g. ``{"data": [...]}``), which is refused as such.
+        record (e.g. ``{"data": [...]}``), which is refused as such. Or a
+        ``.parquet`` file, a folder of them, or a ``datasets`` ``save_to_disk`` folder.
 
     Returns
     -------
-    list of dict
-        The records as parsed, in file order, unmodified.
+    list of dict, or TableRecords
+        The records as parsed, in file order, unmodified (a parquet or
+        ``datasets`` table: a :class:`TableRecords`, rows read on demand).
 
     Raises
     ------
@@ -156,18 +317,160 @@ def load_records(path: PathLike) -> list[dict]:
         collide), a bad ``image`` field, missing ``conversations``, or no human
         turn.
     """
-    return _read(Path(path))[0]
+    return read_dataset(path).records
+
+
+@dataclass
+class DataSource:
+    """A dataset as read by :func:`read_dataset`: its records, their ids, and what writing it back needs.
+
+    Attributes
+    ----------
+    path : Path
+    format : str
+        One of :data:`FORMATS`: ``"json"``, ``"jsonl"``, ``"parquet"`` (a file),
+        ``"parquet-dir"`` (a folder of parquet files) or ``"hf"`` (a
+        ``save_to_disk`` folder).
+    records : sequence of Mapping
+        A list of dicts (JSON, JSONL) or a :class:`TableRecords`.
+    ids : list
+        Each record's id: its ``"id"`` field, or its row index when no record has one.
+    table : pyarrow.Table or None
+        Every row (table formats).
+    dataset : datasets.Dataset or None
+        The dataset (``"hf"``).
+    files : list of (Path, int)
+        ``"parquet-dir"``: each file and its number of rows, in reading order.
+    """
+
+    path: Path
+    format: str
+    records: Sequence[Mapping]
+    ids: list
+    table: Any = None
+    dataset: Any = None
+    files: list = field(default_factory=list)
+
+
+class TableRecords(Sequence):
+    """The rows of a ``pyarrow.Table`` as records (dicts), read on demand.
+
+    Indexing gives one row as a dict (an image column's value as stored: a
+    ``{"bytes", "path"}`` dict or a path); a slice gives another ``TableRecords``;
+    iteration reads the rows a batch at a time. Picklable (pyarrow tables are).
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("TableRecords slices must be contiguous")
+            return TableRecords(self.table.slice(start, max(stop - start, 0)))
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"row {index} of a table of {n}")
+        return self.table.slice(index, 1).to_pylist()[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.table.to_batches(max_chunksize=256):
+            yield from batch.to_pylist()
+
+
+def read_dataset(path: PathLike) -> DataSource:
+    """Read and validate a dataset of any container format (see the module docstring).
+
+    Parquet and ``datasets`` folders need ``pyarrow`` and ``datasets``, imported only then.
+
+    Raises
+    ------
+    ValueError
+        As :func:`load_records`, and for a folder that is neither a ``save_to_disk``
+        folder nor a folder of parquet files, or a ``DatasetDict`` (several splits).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors: ArrowInvalid, OSError
+            raise ValueError(f"{path}: not a parquet file pyarrow can read ({e})") from None
+        return _table_source(path, "parquet", table)
+    records, fmt, ids = _read_json(path)
+    return DataSource(path, fmt, records, ids)
+
+
+def _read_folder(path: Path) -> DataSource:
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise ValueError(
+            f"{path}: a datasets DatasetDict with splits {splits}; give one split's folder, e.g. "
+            f"{path / (splits[0] if splits else 'train')}"
+        )
+    if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises FileNotFoundError, ValueError, ArrowInvalid...
+            raise ValueError(f"{path}: not a datasets folder that load_from_disk can read ({e})") from None
+        if ds._indices is not None:  # a saved dataset has none; be safe
+            ds = ds.flatten_indices()
+        return _table_source(path, "hf", ds.data.table, dataset=ds)
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        raise ValueError(
+            f"{path}: a folder that is neither a datasets save_to_disk folder (state.json, dataset_info.json) "
+            "nor a folder of .parquet files"
+        )
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f))
+        except Exception as e:
+            raise ValueError(f"{f}: not a parquet file pyarrow can read ({e})") from None
+    try:
+        table = pa.concat_tables(tables)
+    except Exception as e:
+        raise ValueError(f"{path}: its parquet files do not share one schema ({e})") from None
+    return _table_source(
+        path, "parquet-dir", table, files=[(f, t.num_rows) for f, t in zip(files, tables, strict=True)]
+    )
+
+
+def _table_source(path: Path, fmt: str, table: Any, **extra: Any) -> DataSource:
+    records = TableRecords(table)
+    ids = _validate(records, str(path), lambda i: f"{path}: row {i}")
+    return DataSource(path, fmt, records, ids, table=table, **extra)
 
 
 def _read(path: Path) -> tuple[list[dict], str]:
-    """:func:`load_records`, plus the format that was read (``"json"`` or ``"jsonl"``)."""
+    """The records of a JSON/JSONL file and the format that was read (``"json"`` or ``"jsonl"``)."""
+    return _read_json(path)[:2]
+
+
+def _read_json(path: Path) -> tuple[list[dict], str, list]:
+    """The records of a JSON/JSONL file, the format that was read (``"json"`` or ``"jsonl"``), the ids."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(
             f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); LLaVA data must be "
-            "UTF-8 JSON or JSONL"
+            "UTF-8 JSON or JSONL (or parquet, or a datasets folder)"
         ) from None
     if path.suffix.lower() not in _JSONL_SUFFIXES and text.lstrip().startswith("{"):
         _refuse_json_object(path, text)
@@ -178,8 +481,8 @@ def _read(path: Path) -> tuple[list[dict], str]:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
-        _validate(records, str(path))
-        return records, "json"
+        ids = _validate(records, str(path), llava_ids_required=True)
+        return records, "json", ids
     records, lines = [], []
     # Split on "\n" only: str.splitlines() would also split inside records at U+2028 etc.
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -194,8 +497,10 @@ def _read(path: Path) -> tuple[list[dict], str]:
                 f"{e.msg}{hint}"
             ) from None
         lines.append(lineno)
-    _validate(records, str(path), lambda i: f"{path}: line {lines[i]} (record {i})")
-    return records, "jsonl"
+    ids = _validate(
+        records, str(path), lambda i: f"{path}: line {lines[i]} (record {i})", llava_ids_required=True
+    )
+    return records, "jsonl", ids
 
 
 def _refuse_json_object(path: Path, text: str) -> None:
@@ -212,19 +517,28 @@ def _refuse_json_object(path: Path, text: str) -> None:
         )
 
 
-def _first_human_turn(conversations: Sequence[Mapping]) -> Mapping | None:
-    for turn in conversations:
-        role = turn.get("from")
-        if isinstance(role, str) and role.lower() in HUMAN_ROLES:
+def _role(turn: Mapping) -> str | None:
+    role = turn.get("from", turn.get("role"))
+    return role.lower() if isinstance(role, str) else None
+
+
+def _first_human_turn(turns: Sequence[Mapping]) -> Mapping | None:
+    """The first turn whose ``"from"`` (LLaVA) or ``"role"`` (messages) is a human role."""
+    for turn in turns:
+        if _role(turn) in HUMAN_ROLES:
             return turn
     return None
 
 
-def _image_paths(record: Mapping) -> list[str]:
-    images = record.get("image")
-    if images is None:
-        return []
-    return [images] if isinstance(images, str) else list(images)
+def _system_turn(turns: Sequence[Mapping]) -> Mapping | None:
+    """A ``"system"`` turn before the first human turn, or None."""
+    for turn in turns:
+        role = _role(turn)
+        if role in HUMAN_ROLES:
+            return None
+        if role == "system":
+            return turn
+    return None
 
 
 def skipped_records(meta: Mapping[str, Any]) -> list[dict]:
