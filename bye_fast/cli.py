@@ -264,6 +264,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists():
         _need_input(args.checkpoint_dir, "--checkpoint-dir", folder=True)
     _check_output_file(out)  # before any work: a run must not be lost to an unwritable --out
+    prompt_options = _prompt_options(args)
     _resolve_device_dtype(args)
     joined, device = _join_process_group(args.device)
     try:
@@ -279,7 +280,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise UsageError(f"--image-token-id {args.image_token_id}: {err}") from None
         loader = make_loader(  # shards by rank under torch.distributed
             args.data, args.images, processor, batch_size=args.batch_size, num_workers=args.num_workers,
-            on_bad_image=args.on_bad_image,
+            on_bad_image=args.on_bad_image, chat_template=prompt_options.chat_template,
+            system_prompt=prompt_options.system_prompt, image_placement=prompt_options.image_placement,
         )  # fmt: skip
         progress = not args.no_progress and rank == 0
         try:
@@ -333,6 +335,23 @@ def cmd_score(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _prompt_options(args: argparse.Namespace):
+    """The prompt options of ``score`` (a missing template file is a usage error)."""
+    from bye_fast.prompts import CHAT_TEMPLATES, PromptOptions
+
+    template = args.chat_template
+    if template not in ("processor", "none", *CHAT_TEMPLATES):
+        path = Path(template)
+        if not path.is_file():
+            names = ", ".join(["processor", "none", *CHAT_TEMPLATES])
+            raise UsageError(f"--chat-template {template}: not one of {names}, and no such file")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--chat-template {path}: cannot read it as UTF-8 text ({err})") from None
+    return PromptOptions(template, args.system_prompt, args.image_placement)
+
+
 def _all_skipped(skipped: list[dict]) -> str:
     first = skipped[0]
     return (f"nothing was scored: every record was skipped for an unreadable image ({len(skipped)}; e.g. "
@@ -342,6 +361,7 @@ def _all_skipped(skipped: list[dict]) -> str:
 def _score_provenance(args: argparse.Namespace, device: str) -> dict[str, str]:
     """Absolute input paths and the options of a ``score`` run, for ``Scores.meta``."""
     from bye_fast import __version__
+    from bye_fast.prompts import CHAT_TEMPLATES
 
     options = {
         "batch_size": args.batch_size,
@@ -354,6 +374,10 @@ def _score_provenance(args: argparse.Namespace, device: str) -> dict[str, str]:
         "checkpoint_every": args.checkpoint_every,
         "image_token_id": args.image_token_id,
         "on_bad_image": args.on_bad_image,
+        "chat_template": args.chat_template if args.chat_template in ("processor", "none", *CHAT_TEMPLATES)
+        else str(Path(args.chat_template).resolve()),
+        "system_prompt": args.system_prompt,
+        "image_placement": args.image_placement,
     }
     return {
         "model_path": str(Path(args.model).resolve()),
@@ -575,6 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-token-id", type=_int_at_least(0), default=None,
                    help="id of the image placeholder token in input_ids (default: the model config's "
                         "image_token_id; another id is refused)")  # fmt: skip
+    p.add_argument("--chat-template", default="processor", metavar="{processor,none,llava_v1,FILE}",
+                   help="how prompts are rendered: processor (default: the processor's own chat template, plain "
+                        "text if it has none), none (plain text with image tokens, no role markers), llava_v1 "
+                        "(LLaVA-1.5's conversation template from the original LLaVA code, with its system "
+                        "prompt), or a file holding a Jinja chat template")  # fmt: skip
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system text for records without a system turn of their own (default: none)")  # fmt: skip
+    p.add_argument("--image-placement", choices=["inline", "first"], default="inline",
+                   help="inline (default: images where the record's <image> placeholders or image parts put "
+                        "them, in front when it has none) or first (every image in front of the question, as "
+                        "LLaVA's training code rewrites each sample)")  # fmt: skip
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="a record whose image cannot be read (missing, empty, truncated, not an image, a "
                         "decompression bomb): error (default: stop, naming the record and the file) or skip "

@@ -46,7 +46,7 @@ LLAVA_V1_TEMPLATE = (
     "questions.{{ ' ' }}{%- endif -%}"
     "USER: {% for c in message['content'] -%}"
     "{%- if c['type'] == 'image' -%}<image>{{ '\\n' }}{%- else -%}{{ c['text'] }}{%- endif -%}"
-    "{%- endfor %} "
+    "{%- endfor -%}{{ ' ' }}"
     "{%- else -%}ASSISTANT: {% for c in message['content'] -%}{{ c['text'] }}{%- endfor -%}</s>"
     "{%- endif -%}"
     "{%- endfor -%}"

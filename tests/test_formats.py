@@ -339,3 +339,28 @@ def test_cli_filter_writes_the_format_it_read(tmp_path, hf_dataset, capsys):
     assert datasets.load_from_disk(str(tmp_path / "clean")).num_rows == N - 1
     assert main([*argv, "--out", str(tmp_path / "clean")]) == 2  # exists: a usage error
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_score_parquet_with_prompt_options(tmp_path, capsys):
+    import bye_fast
+    from bye_fast.cli import main
+    from bye_fast.lab.models import build_llava
+
+    model, proc = build_llava(layers=1)
+    model.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    pq.write_table(_table(embedded=True), tmp_path / "train.parquet")  # no ids, images in the file
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                        "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}ASSISTANT:")  # fmt: skip
+    argv = ["score", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.parquet"),
+            "--out", str(tmp_path / "s.npz"), "--no-progress", "--image-placement", "first",
+            "--system-prompt", "be brief"]  # fmt: skip
+    assert main([*argv, "--chat-template", str(tmp_path / "nope.jinja")]) == 2
+    assert "--chat-template" in capsys.readouterr().err
+    assert main([*argv, "--chat-template", str(template)]) == 0
+    scores = bye_fast.Scores.load(tmp_path / "s.npz")
+    assert [int(i) for i in scores.ids] == list(range(N))  # row indices
+    options = json.loads(scores.meta["score_options"])
+    assert options["chat_template"] == str(template.resolve())
+    assert (options["system_prompt"], options["image_placement"]) == ("be brief", "first")
