@@ -489,6 +489,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
         for name, source in (("--data", data), ("--detection", detection)):
             if _same_file(path, source):
                 raise UsageError(f"{option} {path} is the {name} input; write the outputs elsewhere")
+        if data.is_dir() and data.resolve() in path.resolve().parents:
+            raise UsageError(f"{option} {path} is inside the --data folder {data}; write the outputs elsewhere")
     for option, path in (("--out", Path(args.out)), ("--removed", audit_path(args.out, args.removed))):
         _refuse_existing(path, args.overwrite, option)
     det = Detection.from_json(detection)

@@ -135,11 +135,9 @@ def _is_image_value(value: Any) -> bool:
         return len(value) > 0
     if isinstance(value, Mapping):
         raw, path = value.get("bytes"), value.get("path")
-        return (
-            bool(raw)
-            and isinstance(raw, (bytes, bytearray))
-            or (not raw and isinstance(path, str) and bool(path))
-        )
+        if raw:
+            return isinstance(raw, (bytes, bytearray))
+        return isinstance(path, str) and bool(path)
     return hasattr(value, "convert") and hasattr(value, "size")  # PIL.Image.Image, without importing PIL here
 
 
@@ -258,7 +256,10 @@ def _validate(
     duplicates.
     """
     where = where or (lambda i: f"{source}: record {i}")
-    have_ids = ids is None and any(isinstance(r, Mapping) and "id" in r for r in records)
+    if isinstance(records, TableRecords):  # a column for all rows: no pass over the table for it
+        have_ids = ids is None and "id" in records.table.column_names
+    else:
+        have_ids = ids is None and any(isinstance(r, Mapping) and "id" in r for r in records)
     seen: dict[str, int] = {}
     out = []
     for i, record in enumerate(records):

@@ -339,6 +339,9 @@ def test_cli_filter_writes_the_format_it_read(tmp_path, hf_dataset, capsys):
     assert datasets.load_from_disk(str(tmp_path / "clean")).num_rows == N - 1
     assert main([*argv, "--out", str(tmp_path / "clean")]) == 2  # exists: a usage error
     assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--out", str(hf_dataset / "train" / "clean")]) == 2
+    assert "inside the --data folder" in capsys.readouterr().err
+    assert not (hf_dataset / "train" / "clean").exists()
 
 
 def test_cli_score_parquet_with_prompt_options(tmp_path, capsys):
@@ -364,3 +367,15 @@ def test_cli_score_parquet_with_prompt_options(tmp_path, capsys):
     options = json.loads(scores.meta["score_options"])
     assert options["chat_template"] == str(template.resolve())
     assert (options["system_prompt"], options["image_placement"]) == ("be brief", "first")
+
+
+def test_parquet_loader_with_a_worker_and_shards(tmp_path, processor):
+    src = tmp_path / "train.parquet"
+    pq.write_table(_table(embedded=True), src)
+    loader = make_loader(src, None, processor, batch_size=2, num_workers=1)
+    assert [i for b in loader for i in b["ids"]] == list(range(N))
+    # shards keep the row-index ids of the whole file
+    ids = [
+        [i for b in make_loader(src, None, processor, rank=r, world_size=2) for i in b["ids"]] for r in (0, 1)
+    ]
+    assert ids == [[0, 1, 2], [3, 4, 5]]
