@@ -374,8 +374,7 @@ def _score_provenance(args: argparse.Namespace, device: str) -> dict[str, str]:
         "checkpoint_every": args.checkpoint_every,
         "image_token_id": args.image_token_id,
         "on_bad_image": args.on_bad_image,
-        "chat_template": args.chat_template if args.chat_template in ("processor", "none", *CHAT_TEMPLATES)
-        else str(Path(args.chat_template).resolve()),
+        "chat_template": _template_name(args.chat_template, CHAT_TEMPLATES),
         "system_prompt": args.system_prompt,
         "image_placement": args.image_placement,
     }
@@ -388,6 +387,11 @@ def _score_provenance(args: argparse.Namespace, device: str) -> dict[str, str]:
         "score_options": json.dumps(options),
         "bye_fast_version": __version__,
     }  # fmt: skip
+
+
+def _template_name(value: str, names) -> str:
+    """How the scores' meta names a --chat-template: its name, or the template file's absolute path."""
+    return value if value in ("processor", "none", *names) else str(Path(value).resolve())
 
 
 def _save_or_rescue(scores, out: Path, checkpoint_dir: str | None) -> None:
@@ -490,7 +494,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
             if _same_file(path, source):
                 raise UsageError(f"{option} {path} is the {name} input; write the outputs elsewhere")
         if data.is_dir() and data.resolve() in path.resolve().parents:
-            raise UsageError(f"{option} {path} is inside the --data folder {data}; write the outputs elsewhere")
+            raise UsageError(f"{option} {path} is inside the --data folder {data}; write the outputs elsewhere")  # fmt: skip
     for option, path in (("--out", Path(args.out)), ("--removed", audit_path(args.out, args.removed))):
         _refuse_existing(path, args.overwrite, option)
     det = Detection.from_json(detection)
@@ -653,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("filter", help="write the cleaned dataset and the audit file of removed samples")
-    p.add_argument("--data", required=True, help="the data that was scored, as given to score (never modified)")
+    p.add_argument("--data", required=True, help="the data that was scored (never modified)")
     p.add_argument("--detection", required=True, help="detection.json from `bye-fast detect`")
     p.add_argument("--out", required=True,
                    help="cleaned dataset to write, in the format of --data (.json or .jsonl for JSON data, "
