@@ -22,7 +22,7 @@ _PUBLIC = {
     "Detection": "bye_fast.detect",
     "Scores": "bye_fast.scores",
     "detect": "bye_fast.detect",
-    "filter_dataset": "bye_fast.data",
+    "filter_dataset": "bye_fast.filter",
     "score": "bye_fast.score",
     "score_reference": "bye_fast.score",
 }
@@ -30,8 +30,8 @@ _PUBLIC = {
 __all__ = ["Detection", "Scores", "__version__", "detect", "filter_dataset", "score", "score_reference"]
 
 if TYPE_CHECKING:
-    from bye_fast.data import filter_dataset
     from bye_fast.detect import Detection, detect
+    from bye_fast.filter import filter_dataset
     from bye_fast.score import score, score_reference
     from bye_fast.scores import Scores
 

@@ -138,7 +138,9 @@ def _float_in(low: float, high: float, *, low_open: bool, high_open: bool):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number in {shown}, got {text!r}") from None
-        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        inside = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
         if not math.isfinite(value) or not inside:
             raise argparse.ArgumentTypeError(f"must be a number in {shown}, got {text}")
         return value
@@ -246,8 +248,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     import torch
 
     import bye_fast
-    from bye_fast.data import make_loader
     from bye_fast.distributed import rank_and_world_size
+    from bye_fast.loader import make_loader
     from bye_fast.score import resolve_image_token_id
 
     out = Path(args.out)
@@ -256,7 +258,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.reference and (args.checkpoint_dir or args.max_tokens_per_batch):
         raise UsageError("--checkpoint-dir and --max-tokens-per-batch need the fused path (no --reference)")
     _refuse_existing(out, args.overwrite)
-    _need_input(args.data, "--data")
+    _need_input(args.data, "--data", folder=Path(args.data).is_dir())  # a datasets or parquet folder
     if args.images is not None:
         _need_input(args.images, "--images", folder=True)
     if args.processor is not None:
@@ -264,13 +266,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists():
         _need_input(args.checkpoint_dir, "--checkpoint-dir", folder=True)
     _check_output_file(out)  # before any work: a run must not be lost to an unwritable --out
+    prompt_options = _prompt_options(args)
     _resolve_device_dtype(args)
     joined, device = _join_process_group(args.device)
     try:
         dist = rank_and_world_size()
         rank = dist[0] if dist else 0
         model, processor = load_model_and_processor(
-            args.model, args.processor, args.dtype, device, adapter=args.adapter,
+            args.model,
+            args.processor,
+            args.dtype,
+            device,
+            adapter=args.adapter,
             progress=not args.no_progress and rank == 0,
         )
         try:
@@ -279,7 +286,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise UsageError(f"--image-token-id {args.image_token_id}: {err}") from None
         loader = make_loader(  # shards by rank under torch.distributed
             args.data, args.images, processor, batch_size=args.batch_size, num_workers=args.num_workers,
-            on_bad_image=args.on_bad_image,
+            on_bad_image=args.on_bad_image, chat_template=prompt_options.chat_template,
+            system_prompt=prompt_options.system_prompt, image_placement=prompt_options.image_placement,
         )  # fmt: skip
         progress = not args.no_progress and rank == 0
         try:
@@ -333,6 +341,23 @@ def cmd_score(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _prompt_options(args: argparse.Namespace):
+    """The prompt options of ``score`` (a missing template file is a usage error)."""
+    from bye_fast.prompts import CHAT_TEMPLATES, PromptOptions
+
+    template = args.chat_template
+    if template not in ("processor", "none", *CHAT_TEMPLATES):
+        path = Path(template)
+        if not path.is_file():
+            names = ", ".join(["processor", "none", *CHAT_TEMPLATES])
+            raise UsageError(f"--chat-template {template}: not one of {names}, and no such file")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--chat-template {path}: cannot read it as UTF-8 text ({err})") from None
+    return PromptOptions(template, args.system_prompt, args.image_placement)
+
+
 def _all_skipped(skipped: list[dict]) -> str:
     first = skipped[0]
     return (f"nothing was scored: every record was skipped for an unreadable image ({len(skipped)}; e.g. "
@@ -342,6 +367,7 @@ def _all_skipped(skipped: list[dict]) -> str:
 def _score_provenance(args: argparse.Namespace, device: str) -> dict[str, str]:
     """Absolute input paths and the options of a ``score`` run, for ``Scores.meta``."""
     from bye_fast import __version__
+    from bye_fast.prompts import CHAT_TEMPLATES
 
     options = {
         "batch_size": args.batch_size,
@@ -354,6 +380,9 @@ def _score_provenance(args: argparse.Namespace, device: str) -> dict[str, str]:
         "checkpoint_every": args.checkpoint_every,
         "image_token_id": args.image_token_id,
         "on_bad_image": args.on_bad_image,
+        "chat_template": _template_name(args.chat_template, CHAT_TEMPLATES),
+        "system_prompt": args.system_prompt,
+        "image_placement": args.image_placement,
     }
     return {
         "model_path": str(Path(args.model).resolve()),
@@ -364,6 +393,11 @@ def _score_provenance(args: argparse.Namespace, device: str) -> dict[str, str]:
         "score_options": json.dumps(options),
         "bye_fast_version": __version__,
     }  # fmt: skip
+
+
+def _template_name(value: str, names) -> str:
+    """How the scores' meta names a --chat-template: its name, or the template file's absolute path."""
+    return value if value in ("processor", "none", *names) else str(Path(value).resolve())
 
 
 def _save_or_rescue(scores, out: Path, checkpoint_dir: str | None) -> None:
@@ -456,15 +490,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     import bye_fast
-    from bye_fast.data import _same_file, audit_path
     from bye_fast.detect import Detection
+    from bye_fast.filter import _same_file, audit_path
 
-    data = _need_input(args.data, "--data")
+    data = _need_input(args.data, "--data", folder=Path(args.data).is_dir())
     detection = _need_input(args.detection, "--detection")
     for option, path in (("--out", Path(args.out)), ("--removed", audit_path(args.out, args.removed))):
         for name, source in (("--data", data), ("--detection", detection)):
             if _same_file(path, source):
                 raise UsageError(f"{option} {path} is the {name} input; write the outputs elsewhere")
+        if data.is_dir() and data.resolve() in path.resolve().parents:
+            raise UsageError(f"{option} {path} is inside the --data folder {data}; write the outputs elsewhere")  # fmt: skip
     for option, path in (("--out", Path(args.out)), ("--removed", audit_path(args.out, args.removed))):
         _refuse_existing(path, args.overwrite, option)
     det = Detection.from_json(detection)
@@ -519,7 +555,9 @@ def _detect_options(p: argparse.ArgumentParser) -> None:
                    help="detector: consensus (the default: per-head evidence, either side, a calibrated "
                         "'nothing to find' test and a removal budget) or paper (the BYE paper's procedure, exactly)")  # fmt: skip
     for name, (text, _) in _DETECT_OPTIONS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=_DETECT_TYPES.get(name, float), default=None, help=text)
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=_DETECT_TYPES.get(name, float), default=None, help=text
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -558,11 +596,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None,
                    help="peft adapter directory (e.g. the LoRA fine-tune being checked) to load onto --model")  # fmt: skip
     p.add_argument("--processor", help="processor directory (default: the model's directory)")
-    p.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
-    p.add_argument("--images", default=None, help="folder the records' image paths are relative to")
+    p.add_argument("--data", required=True,
+                   help="training data: LLaVA or messages records in a .json list or .jsonl, a .parquet file or "
+                        "folder of them, or a datasets save_to_disk folder; records without ids get their row "
+                        "index")  # fmt: skip
+    p.add_argument("--images", default=None,
+                   help="folder the records' image paths are relative to (images stored in the data need none)")  # fmt: skip
     p.add_argument("--out", required=True, help="where to write the scores (.npz)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)")
-    p.add_argument("--num-workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)"
+    )
+    p.add_argument(
+        "--num-workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default 0)"
+    )
     p.add_argument(
         "--device", default="auto", help="torch device (default auto: cuda if available, else cpu)"
     )
@@ -571,6 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-token-id", type=_int_at_least(0), default=None,
                    help="id of the image placeholder token in input_ids (default: the model config's "
                         "image_token_id; another id is refused)")  # fmt: skip
+    p.add_argument("--chat-template", default="processor", metavar="{processor,none,llava_v1,FILE}",
+                   help="how prompts are rendered: processor (default: the processor's own chat template, plain "
+                        "text if it has none), none (plain text with image tokens, no role markers), llava_v1 "
+                        "(LLaVA-1.5's conversation template from the original LLaVA code, with its system "
+                        "prompt), or a file holding a Jinja chat template")  # fmt: skip
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system text for records without a system turn of their own (default: none)")  # fmt: skip
+    p.add_argument("--image-placement", choices=["inline", "first"], default="inline",
+                   help="inline (default: images where the record's <image> placeholders or image parts put "
+                        "them, in front when it has none) or first (every image in front of the question, as "
+                        "LLaVA's training code rewrites each sample)")  # fmt: skip
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="a record whose image cannot be read (missing, empty, truncated, not an image, a "
                         "decompression bomb): error (default: stop, naming the record and the file) or skip "
@@ -612,9 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("filter", help="write the cleaned dataset and the audit file of removed samples")
-    p.add_argument("--data", required=True, help="the LLaVA-format data that was scored (never modified)")
+    p.add_argument("--data", required=True, help="the data that was scored (never modified)")
     p.add_argument("--detection", required=True, help="detection.json from `bye-fast detect`")
-    p.add_argument("--out", required=True, help="cleaned dataset to write (.json or .jsonl)")
+    p.add_argument("--out", required=True,
+                   help="cleaned dataset to write, in the format of --data (.json or .jsonl for JSON data, "
+                        ".parquet for a parquet file, a folder for a parquet or datasets folder)")  # fmt: skip
     p.add_argument(
         "--removed", default=None, help="audit file of removed records (default: <out stem>.removed.json)"
     )
@@ -636,7 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="phrase", choices=["phrase", "existing"],
                    help="the attacker's answer: the phrase 'backdoor attack !' (default) or an answer the task "
                         "already has")  # fmt: skip
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of data, attack and training (default 0)")
+    p.add_argument(
+        "--seed", type=_int_at_least(0), default=0, help="seed of data, attack and training (default 0)"
+    )
     _detect_options(p)
     p.add_argument("--out", default="bye_fast_demo", help="output folder (default: ./bye_fast_demo)")
     p.add_argument(
@@ -666,10 +727,16 @@ def _resolve_device_dtype(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            why = (
+                "this torch build has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
             raise UsageError(f"--device {args.device}: {why} (torch {torch.__version__}); use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise UsageError(
+                f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     elif device.type != "cpu":
         try:
             torch.empty(1, device=device)
@@ -690,7 +757,7 @@ def _error_line(err: BaseException) -> tuple[int, str] | None:
         return USAGE, f"{where}exists; pass --overwrite to replace it" if where else _one_line(str(err))
     if isinstance(err, OSError):  # an input that cannot be read, an output that cannot be written
         if err.filename and err.strerror:
-            if err.strerror.startswith("record "):  # bye_fast.data: "record 'x': image file not found"
+            if err.strerror.startswith("record "):  # bye_fast.loader: "record 'x': image file not found"
                 return DATA, f"{_one_line(err.strerror)}: {err.filename}"
             return DATA, f"{err.filename}: {_one_line(err.strerror)}"
         return DATA, _one_line(str(err))

@@ -209,6 +209,111 @@ def test_build_prompt_without_chat_template(records):
     assert build_prompt(records[1], other) == "<img>\nwhat digit is this ?"
 
 
+#: A template that renders a system turn (the tiny processor's own has no system role).
+SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}SYSTEM: {{ m['content'][0]['text'] }} "
+    "{% else %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions."
+)
+
+
+def test_prompt_chat_template_options(processor, records, tmp_path):
+    rec = records[0]  # "<image>\nwhat digit is this ?"
+    assert (
+        build_prompt(rec, processor, chat_template="processor")
+        == "USER: <image> what digit is this ? ASSISTANT:"
+    )
+    assert build_prompt(rec, processor, chat_template="none") == "<image>\nwhat digit is this ?"
+    # the conversation template of LLaVA-1.5's own code, with its system prompt
+    assert build_prompt(rec, processor, chat_template="llava_v1") == (
+        f"{LLAVA_V1_SYSTEM} USER: <image>\nwhat digit is this ? ASSISTANT:"
+    )
+    assert build_prompt(records[9], processor, chat_template="llava_v1") == (
+        f"{LLAVA_V1_SYSTEM} USER: is it even or odd ? ASSISTANT:"
+    )
+    jinja = "{% for m in messages %}Q {{ m['content'] | length }}{% endfor %} A"
+    assert build_prompt(rec, processor, chat_template=jinja) == "Q 2 A"
+    (tmp_path / "t.jinja").write_text(SYSTEM_TEMPLATE, encoding="utf-8")
+    from_file = build_prompt(rec, processor, chat_template=tmp_path / "t.jinja")
+    assert from_file == build_prompt(rec, processor, chat_template=SYSTEM_TEMPLATE)
+    assert from_file == "USER: <image> what digit is this ? ASSISTANT:"
+    with pytest.raises(ValueError, match="nope"):
+        build_prompt(rec, processor, chat_template="nope")
+
+
+def test_prompt_system_prompt_options(processor, records):
+    rec = records[0]
+    opts = {"chat_template": SYSTEM_TEMPLATE, "system_prompt": "be brief"}
+    assert (
+        build_prompt(rec, processor, **opts)
+        == "SYSTEM: be brief USER: <image> what digit is this ? ASSISTANT:"
+    )
+    assert build_prompt(rec, processor, chat_template="none", system_prompt="be brief") == (
+        "be brief\n<image>\nwhat digit is this ?"
+    )
+    assert build_prompt(rec, processor, chat_template="llava_v1", system_prompt="be brief") == (
+        "be brief USER: <image>\nwhat digit is this ? ASSISTANT:"
+    )
+    # a record's own system turn goes into the prompt, and wins over --system-prompt
+    own = {**rec, "conversations": [{"from": "system", "value": "own words"}, *rec["conversations"]]}
+    assert (
+        build_prompt(own, processor, **opts)
+        == "SYSTEM: own words USER: <image> what digit is this ? ASSISTANT:"
+    )
+    messages = {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "own words"}]},
+            {"role": "user", "content": "<image>\nwhat digit is this ?"},
+        ],
+        "image": "0.png",
+    }
+    assert build_prompt(messages, processor, **opts) == build_prompt(own, processor, **opts)
+
+
+def test_prompt_image_placement(processor):
+    rec = {
+        "id": "m",
+        "image": ["a.png", "b.png"],
+        "conversations": [{"from": "human", "value": "describe <image> and\n<image> ?"}],
+    }
+    assert (
+        build_prompt(rec, processor) == "USER: describe <image> and <image> ? ASSISTANT:"
+    )  # inline, the default
+    # first: LLaVA's training code: the images in front, the text without its placeholders (stripped)
+    assert (
+        build_prompt(rec, processor, image_placement="first")
+        == "USER: <image> <image> describe  and\n ? ASSISTANT:"
+    )
+    assert build_prompt(rec, processor, chat_template="none", image_placement="first") == (
+        "<image><image>\ndescribe  and\n ?"
+    )
+    assert build_prompt(rec, processor, chat_template="none") == "describe <image> and\n<image> ?"
+    parts = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "describe"}, {"type": "image"}]}],
+        "images": ["a.png"],
+    }
+    assert build_prompt(parts, processor) == "USER: describe <image> ASSISTANT:"
+    assert build_prompt(parts, processor, image_placement="first") == "USER: <image> describe ASSISTANT:"
+    with pytest.raises(ValueError, match="image_placement"):
+        build_prompt(rec, processor, image_placement="last")
+
+
+def test_make_loader_passes_the_prompt_options(dataset_dir, records, processor):
+    loader = make_loader(
+        records[:2], dataset_dir, processor, chat_template=SYSTEM_TEMPLATE, system_prompt="be brief"
+    )
+    assert loader.dataset[0]["prompt"] == "SYSTEM: be brief USER: <image> what digit is this ? ASSISTANT:"
+    ds = pickle.loads(pickle.dumps(loader.dataset))  # workers get the options too
+    assert ds[0]["prompt"] == loader.dataset[0]["prompt"]
+    first = make_loader(records[3:4], dataset_dir, processor, image_placement="first", chat_template="none")
+    assert first.dataset[0]["prompt"] == "<image><image>\nwhat digit is this ?"
+
+
 # ------------------------------------------------------------------ dataset/loader
 def test_dataset_items(dataset_dir, records, processor):
     before = copy.deepcopy(records)

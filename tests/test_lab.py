@@ -18,7 +18,8 @@ from bye_fast.lab.models import BASE_MODEL, build_base_model, load_base_model, s
 
 REPO = Path(__file__).resolve().parents[1]
 #: The core: modules that must never import the lab.
-CORE = ["__init__", "_io", "batching", "checkpoint", "cli", "consensus", "data", "detect", "distributed", "hook",
+CORE = ["__init__", "_io", "batching", "checkpoint", "cli", "consensus", "data", "detect", "distributed", "filter",
+        "hook", "loader", "prompts", "records",
         "plots", "score", "scores", "stats", "kernels/__init__", "kernels/attn_entropy"]  # fmt: skip
 
 
