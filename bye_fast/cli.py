@@ -138,7 +138,9 @@ def _float_in(low: float, high: float, *, low_open: bool, high_open: bool):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number in {shown}, got {text!r}") from None
-        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        inside = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
         if not math.isfinite(value) or not inside:
             raise argparse.ArgumentTypeError(f"must be a number in {shown}, got {text}")
         return value
@@ -270,7 +272,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         dist = rank_and_world_size()
         rank = dist[0] if dist else 0
         model, processor = load_model_and_processor(
-            args.model, args.processor, args.dtype, device, adapter=args.adapter,
+            args.model,
+            args.processor,
+            args.dtype,
+            device,
+            adapter=args.adapter,
             progress=not args.no_progress and rank == 0,
         )
         try:
@@ -519,7 +525,9 @@ def _detect_options(p: argparse.ArgumentParser) -> None:
                    help="detector: consensus (the default: per-head evidence, either side, a calibrated "
                         "'nothing to find' test and a removal budget) or paper (the BYE paper's procedure, exactly)")  # fmt: skip
     for name, (text, _) in _DETECT_OPTIONS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=_DETECT_TYPES.get(name, float), default=None, help=text)
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=_DETECT_TYPES.get(name, float), default=None, help=text
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -561,8 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
     p.add_argument("--images", default=None, help="folder the records' image paths are relative to")
     p.add_argument("--out", required=True, help="where to write the scores (.npz)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)")
-    p.add_argument("--num-workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)"
+    )
+    p.add_argument(
+        "--num-workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default 0)"
+    )
     p.add_argument(
         "--device", default="auto", help="torch device (default auto: cuda if available, else cpu)"
     )
@@ -636,7 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="phrase", choices=["phrase", "existing"],
                    help="the attacker's answer: the phrase 'backdoor attack !' (default) or an answer the task "
                         "already has")  # fmt: skip
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of data, attack and training (default 0)")
+    p.add_argument(
+        "--seed", type=_int_at_least(0), default=0, help="seed of data, attack and training (default 0)"
+    )
     _detect_options(p)
     p.add_argument("--out", default="bye_fast_demo", help="output folder (default: ./bye_fast_demo)")
     p.add_argument(
@@ -666,10 +680,16 @@ def _resolve_device_dtype(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            why = (
+                "this torch build has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
             raise UsageError(f"--device {args.device}: {why} (torch {torch.__version__}); use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise UsageError(
+                f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     elif device.type != "cpu":
         try:
             torch.empty(1, device=device)
