@@ -414,9 +414,12 @@ def detection_layers(det: Detection, n_layers: int) -> tuple[list[int], str]:
         strength = np.asarray(
             [np.nan if v is None else v for v in d.get("evidence", d.get("separation")) or []], float
         )
-        if len(strength) == len(names) and np.isfinite(strength).any():
+        finite = strength[np.isfinite(strength)] if len(strength) == len(names) else strength[:0]
+        if finite.size and finite.max() > finite.min():  # all equal: no feature stands out
             order = [
-                j for j in np.argsort(-np.nan_to_num(strength, nan=-np.inf)) if _LAYER.search(str(names[j]))
+                j
+                for j in np.argsort(-np.nan_to_num(strength, nan=-np.inf))
+                if np.isfinite(strength[j]) and _LAYER.search(str(names[j]))
             ]
             layers = layers_of(order[:3])
             source = "the layers of the detection's three strongest features (it used none)"
