@@ -203,29 +203,72 @@ def _vision_patch_side(model: torch.nn.Module) -> int | None:
     return None
 
 
+def _tile_tokens(model: torch.nn.Module) -> int | None:
+    """Image tokens of one vision-tower image or tile, where the config says: Gemma 3's
+    ``mm_tokens_per_image``, InternVL's pixel shuffle (``downsample_ratio``), Idefics3's ``scale_factor``."""
+    cfg = model.config
+    t = getattr(cfg, "mm_tokens_per_image", None)
+    if isinstance(t, int) and t > 0:
+        return t
+    side = _vision_patch_side(model)
+    ratio, scale = getattr(cfg, "downsample_ratio", None), getattr(cfg, "scale_factor", None)
+    if side and isinstance(ratio, float) and 0 < ratio <= 1:
+        return int(round(side * ratio)) ** 2
+    if side and isinstance(scale, int) and scale > 0 and side % scale == 0:
+        return (side // scale) ** 2
+    return None
+
+
+def _merge_pixels(model: torch.nn.Module) -> int | None:
+    """Pixels per image-token side of a Pixtral-style vision tower (Mistral 3): patch x spatial merge."""
+    merge = getattr(model.config, "spatial_merge_size", None)
+    patch = getattr(getattr(model.config, "vision_config", None), "patch_size", None)
+    return int(merge) * int(patch) if isinstance(merge, int) and isinstance(patch, int) else None
+
+
 def token_grid(
     model: torch.nn.Module, batch: Mapping, row: int, n_tokens: int
 ) -> tuple[tuple[int, int] | None, tuple[int, int], str]:
     """Where a row's image tokens lie in the image: ``((rows, cols) or None, (start, stop), note)``.
 
+    For one image per row:
+
     * Qwen2-VL / Qwen2.5-VL (``image_grid_thw``): ``(h, w) / spatial_merge_size``;
-    * LLaVA-NeXT / OneVision (a 5-D ``pixel_values``: the overview image, then the crops): the
-      overview image's ``side x side`` tokens, the first in token order (the crops are not drawn);
-    * otherwise a square number of tokens is a square grid (LLaVA, Gemma 3, one InternVL tile);
+    * LLaVA-NeXT / OneVision (``image_grid_pinpoints``, a 5-D ``pixel_values``): the overview
+      image's ``side x side`` tokens, the first in token order (the crops' tokens are not drawn);
+    * Mistral 3 (``image_sizes``, ``spatial_merge_size``): ``(h, w) / (patch x merge)``;
+    * tiled images (InternVL, Idefics3 / SmolVLM; also Gemma 3): the last tile's tokens (the
+      whole image: InternVL's thumbnail, Idefics3's global image) when there are several;
+    * otherwise a square number of tokens is a square grid (LLaVA-1.5);
     * anything else: no grid (None), said in the note.
     """
+    B = len(batch["input_ids"])
+    cfg = model.config
     thw = batch.get("image_grid_thw")
-    if thw is not None and len(thw) == len(batch["input_ids"]):
+    if thw is not None and len(thw) == B:
         t, h, w = (int(v) for v in thw[row])
-        merge = int(getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 2) or 1)
-        if h % merge == 0 and w % merge == 0 and t * (h // merge) * (w // merge) == n_tokens and t == 1:
+        merge = int(getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 2) or 1)
+        if t == 1 and h % merge == 0 and w % merge == 0 and (h // merge) * (w // merge) == n_tokens:
             return (h // merge, w // merge), (0, n_tokens), ""
     pixels = batch.get("pixel_values")
     side = _vision_patch_side(model)
-    if isinstance(pixels, torch.Tensor) and pixels.dim() == 5 and side and n_tokens > side * side:
-        return (side, side), (0, side * side), (
-            f"heat map over the overview image's {side}x{side} tokens ({n_tokens - side * side} more image tokens "
-            "of the high-resolution crops are not drawn)"
+    if getattr(cfg, "image_grid_pinpoints", None) and isinstance(pixels, torch.Tensor) and pixels.dim() == 5:
+        if side and n_tokens > side * side:
+            return (side, side), (0, side * side), (
+                f"heat map over the overview image's {side}x{side} tokens (the {n_tokens - side * side} tokens "
+                "of the high-resolution crops are not drawn)"
+            )  # fmt: skip
+    sizes, m = batch.get("image_sizes"), _merge_pixels(model)
+    if sizes is not None and m and len(sizes) == B:
+        h, w = (int(v) for v in sizes[row])
+        if (h // m) * (w // m) == n_tokens:
+            return (h // m, w // m), (0, n_tokens), ""
+    t = _tile_tokens(model)
+    g = int(round(np.sqrt(t))) if t else 0
+    if t and g * g == t and n_tokens > t and n_tokens % t == 0:
+        return (g, g), (n_tokens - t, n_tokens), (
+            f"heat map over the last of {n_tokens // t} tiles or images of {t} tokens (InternVL's thumbnail, "
+            "Idefics3's global view: the whole image; or the row's last image); the others are not drawn"
         )  # fmt: skip
     g = int(round(np.sqrt(n_tokens)))
     if g > 0 and g * g == n_tokens:
@@ -237,18 +280,34 @@ def token_grid(
     )
 
 
-def _model_view(processor: Any, batch: Mapping, row: int) -> np.ndarray | None:
-    """The row's image as the vision tower saw it (resized, cropped), uint8 HxWx3, when the processor's
-    ``pixel_values`` can be turned back into pixels (one image per row); else None."""
+def _model_view(model: torch.nn.Module, processor: Any, batch: Mapping, row: int) -> np.ndarray | None:
+    """The row's image as the vision tower saw it (resized, cropped), uint8 HxWx3, where the processor's
+    ``pixel_values`` can be turned back into the pixels the drawn tokens cover (see :func:`token_grid`);
+    else None (then the image file is shown)."""
     pixels = batch.get("pixel_values")
     ip = getattr(processor, "image_processor", None)
-    if not isinstance(pixels, torch.Tensor) or ip is None or pixels.shape[0] != len(batch["input_ids"]):
+    B = len(batch["input_ids"])
+    if not isinstance(pixels, torch.Tensor) or ip is None or pixels.shape[0] != B:
         return None
     x = pixels[row]
-    if x.dim() == 4:  # LLaVA-NeXT: (crops, 3, H, W), the overview image first
-        x = x[0]
+    if x.dim() == 4:  # several images per row: LLaVA-NeXT's overview first, Idefics3's global view last
+        if getattr(model.config, "image_grid_pinpoints", None):
+            x = x[0]
+        elif batch.get("pixel_attention_mask") is not None:
+            valid = batch["pixel_attention_mask"][row].flatten(1).any(dim=1).nonzero()
+            if not len(valid):
+                return None
+            x = x[int(valid.max())]
+        else:
+            return None
     if x.dim() != 3 or x.shape[0] != 3:
         return None
+    sizes = batch.get("image_sizes")
+    if (
+        sizes is not None and _merge_pixels(model) and len(sizes) == B
+    ):  # Mistral 3: padded to the batch's largest
+        h, w = (int(v) for v in sizes[row])
+        x = x[:, :h, :w]
     x = x.detach().float().cpu().numpy()
     if getattr(ip, "do_normalize", False):
         mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
@@ -616,7 +675,7 @@ def write_review(
     rows = [(batch, r) for batch in batches for r in range(len(batch["input_ids"]))]
     for k, (i, hm, (batch, r)) in enumerate(zip(shown, heat, rows, strict=True)):
         item = loader.dataset[k]
-        view = _model_view(processor, batch, r)
+        view = _model_view(model, processor, batch, r)
         source_view = "as the vision tower saw it"
         if view is None and item["images"]:
             view, source_view = np.asarray(item["images"][0].convert("RGB")), "the image file"
@@ -628,7 +687,8 @@ def write_review(
             "score": float(score[i]), "flagged": bool(det.flagged[i]), "question": question, "answer": answer,
             "layers": hm.layers, "skipped_layers": hm.skipped_layers,
             "grid": list(hm.values.shape) if hm.values is not None else None,
-            "n_image_tokens": hm.n_image_tokens, "picture": source_view if base is not None else None,
+            "n_image_tokens": hm.n_image_tokens,
+            "drawn_share": float(hm.values.sum()) if hm.values is not None else None, "picture": source_view if base is not None else None,
             "notes": hm.notes,
         }  # fmt: skip
         samples.append(sample)

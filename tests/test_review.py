@@ -29,8 +29,8 @@ from bye_fast.review import (
     write_review,
 )
 
-from ._families import BEGIN, END, GEMMA_TOKENS, IMG, _text, gemma3_batch, gemma3_model
-from ._models import llava_next, qwen2_vl, sharpen
+from ._families import BEGIN, END, FAMILIES, GEMMA_TOKENS, IMG, _text, gemma3_batch, gemma3_model
+from ._models import llava_next, sharpen
 
 N = 14
 
@@ -228,18 +228,30 @@ def test_layers_that_cannot_see_the_image_are_skipped_with_a_note():
     assert layer_mean(np.full((2, 3), np.nan), [0, 1])[0] is None
 
 
-def test_grids_of_other_families():
-    """Qwen2-VL: (h, w) / merge; LLaVA-NeXT: the overview image's tokens (the crops' are not drawn)."""
-    model, batches = qwen2_vl("right")
-    _, hms = heat_maps(model, batches)
-    assert [h.values.shape for h in hms] == [(2, 2), (2, 3), (3, 3), (4, 2), (1, 1)]
-    for h in hms:
-        assert h.values.sum() == pytest.approx(1.0, abs=1e-5)
-    model, batches = llava_next("left")
-    _, hms = heat_maps(model, batches, layers=[1])
-    for h in hms:
-        assert h.values.shape == (4, 4) and h.tokens == (0, 16) and h.n_image_tokens > 16
-        assert "overview image" in h.notes[0]
+def test_every_family_gets_a_grid():
+    """Qwen2-VL: (h, w) / merge; LLaVA-NeXT / OneVision: the overview image's tokens; Mistral 3:
+    image_sizes / (patch x merge); InternVL, Idefics3, SmolVLM, Gemma 3: the last tile or image."""
+    shapes = {
+        "qwen2_vl": [(2, 2), (2, 3), (3, 3), (4, 2), (1, 1)],
+        "mistral3": [(4, 3), (2, 6), (3, 3), (6, 4), (2, 2)],
+        "internvl": [(4, 4)] * 5,
+        "llava_next": [(4, 4)] * 5,
+    }
+    for name, make in FAMILIES.items():
+        model, batches = make("left")
+        _, hms = heat_maps(model, batches)
+        for h in hms:
+            assert h.values is not None and np.isfinite(h.values).all(), name
+            assert h.values.size == h.tokens[1] - h.tokens[0], name
+            whole = h.tokens == (0, h.n_image_tokens)
+            assert h.values.sum() == pytest.approx(1.0, abs=1e-5) if whole else 0 < h.values.sum() < 1, name
+            assert whole or h.notes, name
+        if name in shapes:
+            assert [h.values.shape for h in hms] == shapes[name], name
+    _, hms = heat_maps(*llava_next("left"))
+    assert all(h.tokens == (0, 16) and "overview image" in h.notes[0] for h in hms)
+    _, hms = heat_maps(*FAMILIES["internvl"]("left"))
+    assert [h.tokens for h in hms] == [(0, 16), (16, 32), (0, 16), (32, 48), (0, 16)]  # 1, 2, 1, 3, 1 tiles
 
 
 def test_default_layers_come_from_the_detection():
@@ -293,3 +305,30 @@ def test_review_help_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_picture_is_the_part_of_the_image_the_drawn_tokens_cover():
+    """The image as the vision tower saw it: Mistral 3's unpadded image, Idefics3's global view (last),
+    LLaVA-NeXT's overview image (first); pixel values mapped back to 0..255."""
+    from types import SimpleNamespace
+
+    from bye_fast.review import _model_view
+
+    proc = SimpleNamespace(image_processor=SimpleNamespace(do_normalize=True, image_mean=[0.5] * 3,
+                                                           image_std=[0.5] * 3, do_rescale=True, rescale_factor=1 / 255))  # fmt: skip
+
+    def pixels(x):
+        return np.clip(np.rint((x.numpy().transpose(1, 2, 0) * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8)
+
+    model, batches = FAMILIES["mistral3"]("left")
+    b = batches[0]
+    assert [_model_view(model, proc, b, r).shape for r in range(3)] == [(32, 24, 3), (16, 48, 3), (24, 24, 3)]
+    model, batches = FAMILIES["idefics3"]("left")
+    b = batches[0]  # row 1 has 2 images: a crop, then the global view
+    np.testing.assert_array_equal(_model_view(model, proc, b, 1), pixels(b["pixel_values"][1, 1]))
+    np.testing.assert_array_equal(_model_view(model, proc, b, 0), pixels(b["pixel_values"][0, 0]))
+    model, batches = llava_next("left")
+    b = batches[0]
+    np.testing.assert_array_equal(_model_view(model, proc, b, 2), pixels(b["pixel_values"][2, 0]))
+    model, batches = FAMILIES["qwen2_vl"]("left")
+    assert _model_view(model, proc, batches[0], 0) is None  # flattened patches: the image file is shown
