@@ -664,7 +664,7 @@ def write_review(
     if len(shown) < int(top_k):
         notes.append(f"{len(shown)} sample(s) have a suspicion score; top_k={int(top_k)} asked for")
     if not shown:
-        raise ValueError("the detection gives no sample a suspicion score: nothing to review")
+        raise ValueError(f"the detection gives no sample a suspicion score: nothing to review ({det.reason})")
     sub = [recs[where[_key(det.ids[i])]] for i in shown]
     loader = make_loader(sub, images, processor, batch_size=int(batch_size))
     batches = list(loader)
@@ -688,7 +688,8 @@ def write_review(
             "layers": hm.layers, "skipped_layers": hm.skipped_layers,
             "grid": list(hm.values.shape) if hm.values is not None else None,
             "n_image_tokens": hm.n_image_tokens,
-            "drawn_share": float(hm.values.sum()) if hm.values is not None else None, "picture": source_view if base is not None else None,
+            "drawn_share": float(hm.values.sum()) if hm.values is not None else None,
+            "peak_share": float(hm.values.max()) if hm.values is not None else None, "picture": source_view if base is not None else None,
             "notes": hm.notes,
         }  # fmt: skip
         samples.append(sample)
@@ -786,6 +787,8 @@ def _html(summary: dict, pictures: Sequence[tuple[Image.Image | None, Image.Imag
         answer = esc(s["answer"]) if s["answer"] is not None else "<i>(no answer in the record)</i>"
         notes = "".join(f'<p class="note">{esc(n)}</p>' for n in s["notes"])
         layers = f"layers {_ranges(s['layers'])}" if s["layers"] else "no layer"
+        if s["peak_share"] is not None:
+            layers += f"; the brightest token holds {s['peak_share']:.1%} of the attention"
         parts.append(
             f'<div class="sample" id="rank-{s["rank"]}">{pic}<div class="text">'
             f"<p><b>#{s['rank']}</b> &nbsp; id <code>{esc(str(s['id']))}</code> &nbsp; suspicion "
