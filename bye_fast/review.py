@@ -332,6 +332,7 @@ def heat_maps(
     ``layers``: the decoder layers to average (default: all); a layer whose map is NaN for a
     sample is skipped for that sample, with a note. Returns ``(ids, heat maps)`` in batch order.
     """
+    model = _unwrapped(model)  # a peft model: the transformers model inside, adapters injected
     ids, maps = attention_maps(model, batches, image_token_id=image_token_id, device=device)
     n_layers = maps[0].shape[0] if maps else 0
     chosen = list(range(n_layers)) if layers is None else [int(j) for j in layers]

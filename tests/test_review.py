@@ -332,3 +332,19 @@ def test_the_picture_is_the_part_of_the_image_the_drawn_tokens_cover():
     np.testing.assert_array_equal(_model_view(model, proc, b, 2), pixels(b["pixel_values"][2, 0]))
     model, batches = FAMILIES["qwen2_vl"]("left")
     assert _model_view(model, proc, batches[0], 0) is None  # flattened patches: the image file is shown
+
+
+def test_heat_maps_through_a_lora_adapter():
+    """A peft model (adapter not merged) gives the heat maps of the merged model."""
+    from peft import LoraConfig, get_peft_model
+
+    from ._models import llava
+
+    model, batches = llava("left", n_batches=1)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    _, wrapped = heat_maps(peft_model, batches, layers=[0, 2])
+    _, merged = heat_maps(peft_model.merge_and_unload(), batches, layers=[0, 2])
+    for a, b in zip(wrapped, merged, strict=True):
+        np.testing.assert_allclose(a.values, b.values, atol=1e-5)
