@@ -689,9 +689,9 @@ def write_review(
             "layers": hm.layers, "skipped_layers": hm.skipped_layers,
             "grid": list(hm.values.shape) if hm.values is not None else None,
             "n_image_tokens": hm.n_image_tokens,
-            "drawn_share": float(hm.values.sum()) if hm.values is not None else None,
-            "peak_share": float(hm.values.max()) if hm.values is not None else None, "picture": source_view if base is not None else None,
-            "notes": hm.notes,
+            "drawn_share": float(hm.values.sum()) if hm.values is not None else None,  # of the attention
+            "peak_share": float(hm.values.max()) if hm.values is not None else None,
+            "picture": source_view if base is not None else None, "notes": hm.notes,
         }  # fmt: skip
         samples.append(sample)
         pictures.append((base, layer_img, item.get("prompt", "")))
