@@ -456,7 +456,7 @@ def detection_layers(det: Detection, n_layers: int) -> tuple[list[int], str]:
     separation); else every layer.
     """
     d = det.details or {}
-    names = list(d.get("feature_names") or [])
+    names = [] if d.get("feature_names") is None else list(d["feature_names"])
 
     def layers_of(indices) -> list[int]:
         found = set()
@@ -467,13 +467,14 @@ def detection_layers(det: Detection, n_layers: int) -> tuple[list[int], str]:
                     found.add(int(m.group(1)))
         return sorted(found)
 
-    used = d.get("chosen", d.get("sensitive")) or []
-    layers = layers_of(used)
+    def listed(key: str, other: str) -> list:  # a list (from JSON) or a numpy array (in memory)
+        value = d.get(key, d.get(other))
+        return [] if value is None else np.asarray(value, dtype=object).ravel().tolist()
+
+    layers = layers_of(listed("chosen", "sensitive"))
     source = "the layers of the features the detection used"
     if not layers:
-        strength = np.asarray(
-            [np.nan if v is None else v for v in d.get("evidence", d.get("separation")) or []], float
-        )
+        strength = np.asarray([np.nan if v is None else v for v in listed("evidence", "separation")], float)
         finite = strength[np.isfinite(strength)] if len(strength) == len(names) else strength[:0]
         if finite.size and finite.max() > finite.min():  # all equal: no feature stands out
             order = [

@@ -348,3 +348,24 @@ def test_heat_maps_through_a_lora_adapter():
     _, merged = heat_maps(peft_model.merge_and_unload(), batches, layers=[0, 2])
     for a, b in zip(wrapped, merged, strict=True):
         np.testing.assert_allclose(a.values, b.values, atol=1e-5)
+
+
+def test_a_failure_leaves_the_previous_folder_whole(workspace, tmp_path, monkeypatch):
+    import bye_fast.review as review
+
+    w = workspace
+    out = tmp_path / "r"
+    kwargs = dict(images=w["root"] / "images", top_k=2)
+    write_review(w["model"], w["processor"], w["records"], w["det"], out, **kwargs)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(review, "contact_sheet", broken)
+    with pytest.raises(OSError, match="No space"):
+        write_review(w["model"], w["processor"], w["records"], w["det"], out, overwrite=True, **kwargs)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temp folder left behind
+    with pytest.raises(FileExistsError):
+        write_review(w["model"], w["processor"], w["records"], w["det"], out, **kwargs)
