@@ -52,6 +52,7 @@ from bye_fast.score import (
 
 __all__ = [
     "REVIEW_FILES",
+    "PROMPT_OPTIONS",
     "HeatMap",
     "Review",
     "attention_maps",
@@ -393,11 +394,19 @@ def _preview(items: Sequence, k: int = 4) -> str:
     return shown + (f", ... (+{len(items) - k} more)" if len(items) > k else "")
 
 
+def _record_ids(records: Sequence[Mapping]) -> list:
+    """The records' ids: their ``"id"`` fields, or their positions when none has one (as the loaders do)."""
+    if any("id" in r for r in records):
+        return [r.get("id") for r in records]
+    return list(range(len(records)))
+
+
 def _match_records(records: Sequence[Mapping], det: Detection, source: str) -> dict[str, int]:
     """Record position by id key; ``ValueError`` (one line) when the detection's ids are not the data's."""
-    where = {}
-    for i, r in enumerate(records):
-        where.setdefault(_key(r.get("id")), i)
+    rids = _record_ids(records)
+    where: dict[str, int] = {}
+    for i, rid in enumerate(rids):
+        where.setdefault(_key(rid), i)
     det_ids = [_key(v) for v in np.asarray(det.ids).tolist()]
     unknown = [v for v in det_ids if v not in where]
     if unknown:
@@ -406,13 +415,41 @@ def _match_records(records: Sequence[Mapping], det: Detection, source: str) -> d
             "(was the detection made from these data?)"
         )
     scored = set(det_ids) | _skipped_ids(det.meta)
-    missing = [r.get("id") for r in records if _key(r.get("id")) not in scored]
+    missing = [rid for rid in rids if _key(rid) not in scored]
     if missing:
         raise ValueError(
             f"{len(missing)} id(s) of {source} are not in the detection: {_preview(missing)} "
             "(was the detection made from these data?)"
         )
     return where
+
+
+#: make_loader options that decide the prompt (where this version of make_loader has them).
+PROMPT_OPTIONS = ("chat_template", "system_prompt", "image_placement")
+
+
+def _prompt_options(det: Detection, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The prompt options to build the reviewed prompts with: ``given``, else those the scores were made with
+    (``meta["score_options"]`` of ``bye-fast score``), so that attention is recomputed on the scored prompt."""
+    import inspect
+
+    from bye_fast.data import make_loader
+
+    accepted = set(inspect.signature(make_loader).parameters) & set(PROMPT_OPTIONS)
+    if given is not None:
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            raise ValueError(
+                f"prompt option(s) {', '.join(unknown)} unknown to make_loader (it takes {sorted(accepted)})"
+            )
+        return dict(given)
+    try:
+        scored = json.loads((det.meta or {}).get("score_options") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        scored = {}
+    if not isinstance(scored, dict):
+        return {}
+    return {k: scored[k] for k in sorted(accepted) if scored.get(k) is not None}
 
 
 def _text(value: Any) -> str:
@@ -607,6 +644,7 @@ def write_review(
     batch_size: int = 8,
     image_token_id: int | None = None,
     device: str | torch.device | None = None,
+    prompt_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Review:
     """Write a review folder of the ``top_k`` most suspicious samples, for a person to look at.
@@ -632,6 +670,9 @@ def write_review(
     layers : decoder layers to average (default: :func:`detection_layers`); a layer whose map is
         NaN for a sample (it cannot see the image) is skipped for that sample, with a note.
     batch_size, image_token_id, device : as for :func:`bye_fast.data.make_loader` / :func:`bye_fast.score`.
+    prompt_options : :func:`~bye_fast.data.make_loader`'s prompt options (:data:`PROMPT_OPTIONS`, where it has
+        them); default: those the scores were made with (the detection's ``meta["score_options"]``), so
+        that attention is recomputed on the prompt that was scored.
 
     Attention is recomputed for the ``top_k`` samples only (:func:`attention_maps`).
 
@@ -667,8 +708,12 @@ def write_review(
         notes.append(f"{len(shown)} sample(s) have a suspicion score; top_k={int(top_k)} asked for")
     if not shown:
         raise ValueError(f"the detection gives no sample a suspicion score: nothing to review ({det.reason})")
+    positions = not any("id" in r for r in recs)
     sub = [recs[where[_key(det.ids[i])]] for i in shown]
-    loader = make_loader(sub, images, processor, batch_size=int(batch_size))
+    if positions:  # records without ids: their positions are their ids (the loader would renumber them)
+        sub = [{**r, "id": where[_key(det.ids[i])]} for r, i in zip(sub, shown, strict=True)]
+    options = _prompt_options(det, prompt_options)
+    loader = make_loader(sub, images, processor, batch_size=int(batch_size), **options)
     batches = list(loader)
     ids, heat = heat_maps(model, batches, layers=chosen, image_token_id=image_token_id, device=device)
     if [_key(v) for v in ids] != [_key(det.ids[i]) for i in shown]:  # a record skipped by the loader
@@ -719,6 +764,7 @@ def write_review(
         "top_k": int(top_k),
         "layers": chosen,
         "layer_source": layer_source,
+        "prompt_options": options,
         "heat_map": "mean over the layers of the last prompt token's head-mean attention over the image tokens "
         "(each layer's distribution over the image), on the image-token grid, scaled to its maximum per image",
         "notes": notes,

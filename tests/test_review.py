@@ -369,3 +369,40 @@ def test_a_failure_leaves_the_previous_folder_whole(workspace, tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temp folder left behind
     with pytest.raises(FileExistsError):
         write_review(w["model"], w["processor"], w["records"], w["det"], out, **kwargs)
+
+
+def test_records_without_ids_and_the_scored_prompt_options(workspace, tmp_path):
+    """Records without ids are matched by position (as the loaders number them); the prompt is built with the
+    options the scores were made with (those make_loader has)."""
+    import inspect
+
+    from bye_fast.review import PROMPT_OPTIONS, _prompt_options
+
+    w = workspace
+    det = w["det"]
+    records = [{k: v for k, v in r.items() if k != "id"} for r in w["records"]]
+    by_position = Detection(
+        ids=np.arange(N), flagged=det.flagged, score=det.score, method=det.method, options=det.options,
+        reason=det.reason, no_image_ids=[], details=det.details,
+    )  # fmt: skip
+    review = write_review(w["model"], w["processor"], records, by_position, tmp_path / "r", top_k=3,
+                          images=w["root"] / "images", layers=[0])  # fmt: skip
+    named = write_review(w["model"], w["processor"], w["records"], det, tmp_path / "n", top_k=3,
+                         images=w["root"] / "images", layers=[0])  # fmt: skip
+    assert [s["id"] for s in review.samples] == [int(s["id"][1:]) for s in named.samples]
+    for a, b in zip(review.heat, named.heat, strict=True):
+        np.testing.assert_array_equal(a.values, b.values)
+
+    from bye_fast.data import make_loader as loader_fn
+
+    accepted = set(inspect.signature(loader_fn).parameters) & set(PROMPT_OPTIONS)
+    scored = {"chat_template": "none", "system_prompt": None, "image_placement": "first", "batch_size": 3}
+    det.meta["score_options"] = json.dumps(scored)
+    try:
+        expected = {k: scored[k] for k in sorted(accepted) if scored[k] is not None}
+        assert _prompt_options(det, None) == expected
+    finally:
+        del det.meta["score_options"]
+    assert _prompt_options(det, None) == {}
+    with pytest.raises(ValueError, match="unknown to make_loader"):
+        _prompt_options(det, {"no_such_option": 1})
