@@ -1,8 +1,9 @@
-"""The ``bye-fast`` command line: score, detect, filter, demo.
+"""The ``bye-fast`` command line: score, detect, filter, review, demo.
 
     bye-fast score  --model DIR --data train.json --images IMG_DIR --out scores.npz
     bye-fast detect scores.npz --out detection/
     bye-fast filter --data train.json --detection detection/detection.json --out train.clean.json
+    bye-fast review --model DIR --data train.json --images IMG_DIR --detection detection/ --out review/
     bye-fast demo   [--trigger checkerboard] [--rate 0.1] [--out bye_fast_demo]
 
 Every command refuses to overwrite an existing output unless ``--overwrite``
@@ -533,6 +534,149 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- review (issue 11, item 8)
+def _layer_list(text: str) -> list[int] | None:
+    """``--layers``: ``all`` (None) or comma-separated layer indices / ranges (``0,2,5-7``)."""
+    if text.strip().lower() == "all":
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or layer indices like 0,2,5-7, got {text!r}"
+        ) from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected 'all' or layer indices >= 0 like 0,2,5-7, got {text!r}")
+    return sorted(set(layers))
+
+
+def _check_review_out(out: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """``review`` replaces its --out folder as a whole: not an input or a folder holding one; an
+    absent or empty folder, or (with --overwrite) one that holds nothing but what ``review`` writes;
+    a parent it can write in."""
+    from bye_fast.review import REVIEW_FILES
+
+    target = out.resolve()
+    for option, path in inputs.items():
+        p = path.resolve()
+        if target == p or target in p.parents:
+            raise UsageError(f"--out {out}: is or holds the {option} input {path}; give another folder")
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; review writes a folder ({', '.join(REVIEW_FILES)})")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+        foreign = [p.name for p in sorted(out.iterdir()) if p.name not in REVIEW_FILES]
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f", ... (+{len(foreign) - 4} more)" if len(foreign) > 4 else "")
+            raise UsageError(f"--out {out}: holds files that review does not write ({shown}); --overwrite "
+                             "replaces the whole folder, so give another one")  # fmt: skip
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--out {out}: {ancestor} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent))
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write in {out.parent} ({err.strerror or err})") from None
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from bye_fast.hook import text_config
+    from bye_fast.review import write_review
+    from bye_fast.score import resolve_image_token_id
+
+    data = _need_input(args.data, "--data")
+    det_arg = Path(args.detection)
+    detection = _need_input(det_arg / "detection.json" if det_arg.is_dir() else det_arg, "--detection")
+    inputs = {"--data": data, "--detection": detection, "--model": Path(args.model)}
+    if args.images is not None:
+        inputs["--images"] = _need_input(args.images, "--images", folder=True)
+    if args.processor is not None:
+        inputs["--processor"] = _need_input(args.processor, "--processor", folder=True)
+    if args.adapter is not None:
+        inputs["--adapter"] = _need_input(args.adapter, "--adapter", folder=True)
+    out = Path(args.out)
+    _check_review_out(out, args.overwrite, inputs)
+    _resolve_device_dtype(args)
+    model, processor = load_model_and_processor(
+        args.model,
+        args.processor,
+        args.dtype,
+        args.device,
+        adapter=args.adapter,
+        progress=not args.no_progress,
+    )
+    try:
+        resolve_image_token_id(model, args.image_token_id)
+    except ValueError as err:
+        raise UsageError(f"--image-token-id {args.image_token_id}: {err}") from None
+    n_layers = int(text_config(model).num_hidden_layers)
+    if args.layers is not None and max(args.layers) >= n_layers:
+        raise UsageError(
+            f"--layers: the model has {n_layers} decoder layers (0-{n_layers - 1}); got {max(args.layers)}"
+        )
+    review = write_review(
+        model, processor, data, detection, out, args.top_k, images=args.images, layers=args.layers,
+        batch_size=args.batch_size, image_token_id=args.image_token_id, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"bye-fast: review of the {len(review.samples)} most suspicious samples "
+          f"({sum(s['flagged'] for s in review.samples)} flagged); heat maps over layers "
+          f"{', '.join(map(str, review.layers))} ({review.layer_source})")  # fmt: skip
+    for note in review.notes:
+        print(f"bye-fast: note: {note}")
+    for name in ("index.html", "contact_sheet.png", "review.json"):
+        print(f"bye-fast: review -> {out / name}")
+    return 0
+
+
+def _add_review_parser(sub) -> None:
+    p = sub.add_parser(
+        "review",
+        help="HTML page + PNG contact sheet of the most suspicious samples with attention heat maps, to look at "
+        "before deleting data",
+        description="For people: the top-k most suspicious samples of a detection, each with the last prompt "
+        "token's attention over its image (recomputed for those samples only: mean over layers of the head-mean "
+        "attention over the image tokens), its question and answer. Writes the folder --out (as one unit): "
+        "index.html (self-contained), contact_sheet.png, review.json.",
+    )
+    p.add_argument("--model", required=True,
+                   help="the model that was scored: model directory (weights + config), or a config.json")  # fmt: skip
+    p.add_argument("--adapter", default=None, help="peft adapter directory that was scored with --model")
+    p.add_argument("--processor", help="processor directory (default: the model's directory)")
+    p.add_argument("--data", required=True, help="the data that was scored (.json list or .jsonl)")
+    p.add_argument("--images", default=None, help="folder the records' image paths are relative to")
+    p.add_argument("--detection", required=True, help="detection.json from `bye-fast detect`, or its folder")
+    p.add_argument("--out", required=True, help="output folder: index.html, contact_sheet.png, review.json")
+    p.add_argument("--top-k", type=_int_at_least(1), default=24,
+                   help="how many of the most suspicious samples to show (default 24)")  # fmt: skip
+    p.add_argument("--layers", type=_layer_list, default=None,
+                   help="decoder layers whose maps are averaged: 'all' or indices like 0,2,5-7 (default: the layers "
+                        "of the features the detection used; layers that cannot see an image are skipped)")  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)"
+    )
+    p.add_argument(
+        "--device", default="auto", help="torch device (default auto: cuda if available, else cpu)"
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (default auto: bfloat16 on a GPU, else float32)")  # fmt: skip
+    p.add_argument("--image-token-id", type=_int_at_least(0), default=None,
+                   help="id of the image placeholder token (default: the model config's image_token_id)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (as a whole: it must hold only what review writes)")  # fmt: skip
+    p.set_defaults(func=cmd_review)
+
+
+# --------------------------------------------------------------------------- end of review
+
+
 # --------------------------------------------------------------------------- parser
 #: Detection options of the CLI: name -> (help, the methods it applies to).
 _DETECT_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -679,6 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
     p.set_defaults(func=cmd_filter)
+
+    _add_review_parser(sub)  # issue 11, item 8
 
     p = sub.add_parser(
         "demo",
