@@ -31,7 +31,6 @@ sys.path.insert(0, str(HERE))
 from _machine import describe  # noqa: E402
 
 
-
 def one(n: int, features: int, seed: int = 0) -> dict:
     """Generate, detect, measure (in this process)."""
     import numpy as np

@@ -1,49 +1,54 @@
-"""The default detector: tight tail clusters, tested feature by feature, kept where the features agree.
+"""The default detector: tight tail clusters and collapsed answer groups, found with calibrated tests.
 
 Why. A model fine-tuned on poisoned data treats the poisoned samples alike, whatever
 their content: in the features that react to the trigger they form a *tight* group
-at one *end* of the distribution (high or low), while clean data may have several
-broad modes (answer classes, question types). The paper's 2-component mixtures
-split those clean modes; a mean over layers blurs the one head that sees the
-trigger. This detector asks, for every per-head and per-layer feature and both
-ends, one question with a calibrated answer, and removes only what many features
-agree on.
+far out at one *end* of the distribution (high or low), and when the target is an
+answer of its own the model gives it to all of them, so they make an answer group
+that is collapsed in some attention feature. Clean data has several modes (answer
+classes, digit or object classes, question types) that the paper's 2-component
+mixtures split; those modes are broad and sit next to the bulk.
 
-How (:class:`ConsensusDetector`):
+How (:class:`ConsensusDetector`), chosen on the design cells of
+``benchmarks/results/detection_protocol.md`` (what was tried and dropped:
+``benchmarks/results/detection_analysis.md``):
 
-1. **Features** (:data:`FEATURES`): per layer and head the image-attention
-   entropy and the shares of the attention on the image and on the text before
-   it; per layer the paper's head-mean entropy and the top-k spatial
-   concentration; the model's logit margin for its first answer token. Each is
-   robustly standardised (median, MAD) within its *context*.
-2. **Contexts**: all samples, and each group of samples that get the same first
+1. **Contexts**: all samples, and each group of samples that get the same first
    answer token from the model (``Scores.answer_token``) with at least
    ``min_group`` members -- a poison group hiding inside an existing answer
-   ("yes") shows inside that group; one with its own answer shows among all.
-3. **Valley test** per feature, end and candidate size k (``min_cluster`` to
-   ``max_fraction`` of the context): the k most extreme values span a width w;
-   count the values in the next window of the same width towards the bulk. Any
-   density that decreases away from the bulk puts at least as many values in
-   that window as in the tail, so ``P(window <= observed | window + k)`` under
-   Binomial(., 1/2) is a conservative p-value for "a tight cluster at the tail".
-   It does not fire for broad classes, skew or heavy tails, only for a group
-   denser than the values just inside it. Bonferroni over every feature, end,
-   size and context: a feature is *significant* when ``p * n_tests < alpha``;
-   with nothing to find, nothing passes, whatever n (at n < 2 min_cluster no
-   test can pass at all).
-4. **Consensus**: in each context, the features whose tail sets overlap the
-   most significant one's (Jaccard >= 1/2) form a block; a sample is in the
-   cluster when at least half of the block's features put it in their tail.
-5. **Budget**: the clusters of all contexts together must not exceed
-   ``max_fraction`` of the samples; a larger group is reported as too large to
-   be poison and nothing is removed.
-6. **Suspicion score** (for review, every sample): the share of the block
-   features that put the sample in their tail, plus a small tie-break by its
-   mean standardised distance towards the cluster's end; without any
-   significant feature, the same on the three strongest features.
+   ("yes") shows inside that group.
+2. **Valley test** on the per-layer entropy (:data:`FEATURES`), per feature, end
+   and cluster size k on a 5% geometric grid (``min_cluster`` to ``max_fraction``
+   of the context): the k most extreme values span a width w; count the values in
+   the next window of width ``gap * w`` towards the bulk. A density that decreases
+   away from the bulk puts at least ``gap/(1+gap)`` of the two counts in the window,
+   so a binomial tail is a conservative p-value for "a tight cluster at the end".
+   Bonferroni over every feature, end, size and context: a feature is
+   *significant* when ``p * n_tests < alpha`` (with nothing to find, nothing
+   passes, whatever n). A significant tail counts only when it is collapsed
+   (interquartile range <= ``max_spread_ratio`` of the rest's, or of the answer
+   groups' typical one) and far (its median >= ``min_separation`` interquartile
+   ranges of the rest beyond the rest's median): clean modes are shoulders.
+3. **Consensus**: in each context, the significant features whose tail sets
+   overlap the most significant one's (Jaccard >= 1/2) form a block; a sample is
+   in the cluster when at least half of the block's features put it in their tail.
+4. **Collapsed answer groups**: an answer group (at most ``max_fraction`` of the
+   samples) whose interquartile range in some feature of :data:`GROUP_FEATURES`
+   (per-layer and per-head entropy, top-k share) is at most ``max_group_spread``
+   of the other groups' median, one interquartile range or more away from the
+   rest, is a cluster as a whole.
+5. **Refinement**: the clusters' members are then decided by a logistic
+   regression of cluster vs rest on :data:`REFINE_FEATURES` (per-head features
+   included) less the features that found the cluster; kept when it stays within
+   the budget and overlaps the cluster (Jaccard >= 1/2).
+6. **Budget**: the clusters together must not exceed ``max_fraction`` of the
+   samples; a larger group is reported as too large to be poison and nothing is
+   removed.
+7. **Suspicion score** (for review, every sample): the refinement's probability
+   where a cluster was found; else the block votes; without any significant
+   feature, a tie-break by the three strongest features.
 
 Every decision is in ``Detection.reason`` and ``details`` (per-feature evidence
-``-log10(p * n_tests)``, the blocks, the clusters, the number of tests).
+``-log10(p * n_tests)``, the blocks, the clusters, the refinement, the number of tests).
 """
 
 from __future__ import annotations
@@ -56,10 +61,19 @@ import numpy as np
 from bye_fast.detect import Detection, valid_rows
 from bye_fast.scores import Scores
 
-__all__ = ["FEATURES", "REFINE_FEATURES", "ConsensusDetector", "valley_scan", "valley_scan_reference"]
+__all__ = [
+    "FEATURES",
+    "GROUP_FEATURES",
+    "REFINE_FEATURES",
+    "ConsensusDetector",
+    "valley_scan",
+    "valley_scan_reference",
+]
 
 #: Scores fields the cluster test reads (missing ones are skipped): the paper's per-layer entropy.
 FEATURES = ("entropy",)
+#: Scores fields in which a whole answer group is tested for collapse (missing ones are skipped).
+GROUP_FEATURES = ("entropy", "head_entropy", "image_topk_share")
 #: Scores fields the membership of a found cluster is refined with (missing ones are skipped).
 REFINE_FEATURES = ("entropy", "head_entropy", "head_image_share", "head_before_share", "image_topk_share")
 
@@ -148,19 +162,39 @@ def size_grid(kmin: int, kmax: int, ratio: float = SIZE_RATIO) -> np.ndarray:
     return np.unique(np.append(ks[ks <= kmax], kmax))
 
 
+def _high_tails(srt: np.ndarray, ks: np.ndarray, trim: float, gap: float = 1.0) -> np.ndarray:
+    """The best high-end cluster of each row of ``srt`` (rows sorted ascending) over the sizes ``ks``:
+    a ``(rows, 3)`` array of ``log10 p, size, cut`` (``0, 0, inf`` where no size gives evidence).
+    One binomial evaluation for the whole block: per-call overhead, not arithmetic, dominates."""
+    b, n = srt.shape
+    out = np.zeros((b, 3))
+    out[:, 2] = np.inf
+    ks = ks[ks <= n - 1]
+    if not len(ks) or not b:
+        return out
+    cut = srt[:, n - ks]  # (b, K): the k-th largest
+    w = srt[:, n - 1 - (trim * ks).astype(np.int64)] - cut
+    low = cut - gap * w
+    tail = np.empty(cut.shape, np.int64)
+    window = np.empty(cut.shape, np.int64)
+    for r in range(b):
+        tail[r] = n - np.searchsorted(srt[r], cut[r], side="left")  # values >= cut (ties included)
+        window[r] = n - np.searchsorted(srt[r], low[r], side="left") - tail[r]
+    logp = np.where(w > 0, _log10_binom_cdf(window, window + tail, gap / (1 + gap)), 0.0)
+    i = np.argmin(logp, axis=1)
+    rows = np.arange(b)
+    best = logp[rows, i]
+    hit = best < 0
+    out[hit, 0] = best[hit]
+    out[hit, 1] = tail[rows, i][hit]
+    out[hit, 2] = cut[rows, i][hit]
+    return out
+
+
 def _scan_sorted(asc: np.ndarray, ks: np.ndarray, trim: float, gap: float = 1.0) -> tuple[float, int, float]:
     """The best high-end cluster of the ascending-sorted ``asc`` over the sizes ``ks``."""
-    n = len(asc)
-    ks = ks[ks <= n - 1]
-    if not len(ks):
-        return 0.0, 0, float("inf")
-    cut = asc[n - ks]  # the k-th largest
-    w = asc[n - 1 - (trim * ks).astype(np.int64)] - cut
-    tail = n - np.searchsorted(asc, cut, side="left")  # values >= cut (ties included)
-    window = n - np.searchsorted(asc, cut - gap * w, side="left") - tail
-    logp = np.where(w > 0, _log10_binom_cdf(window, window + tail, gap / (1 + gap)), 0.0)
-    i = int(np.argmin(logp))
-    return float(logp[i]), int(tail[i]), float(cut[i])
+    lp, k, cut = _high_tails(asc[None, :], ks, trim, gap)[0]
+    return float(lp), int(k), float(cut)
 
 
 def valley_scan(
@@ -233,6 +267,18 @@ def _spread_ratio(y: np.ndarray, cut: float, groups: list[np.ndarray] | None = N
     return _iqr(y[tail]) / ref if ref > 0 else float("inf")
 
 
+def _separation(y: np.ndarray, cut: float) -> float:
+    """How far the tail (``y >= cut``) lies from the rest: the difference of their medians in
+    interquartile ranges of the rest. A poisoned group sits beyond the bulk (>= 2 on the design
+    cells); a clean mode found by the valley test is a shoulder of it (<= 1.7)."""
+    tail = y >= cut
+    if tail.sum() < 1 or (~tail).sum() < 2:
+        return 0.0
+    ref = _iqr(y[~tail])
+    gap = float(np.median(y[tail]) - np.median(y[~tail]))
+    return gap / ref if ref > 0 else float("inf")
+
+
 def _robust_z(x: np.ndarray) -> np.ndarray:
     med = np.median(x, axis=0)
     mad = 1.4826 * np.median(np.abs(x - med), axis=0)
@@ -241,7 +287,7 @@ def _robust_z(x: np.ndarray) -> np.ndarray:
 
 
 class ConsensusDetector:
-    """Tight tail clusters found per feature with a calibrated test, kept where features agree.
+    """Tight tail clusters and collapsed answer groups, found with calibrated tests, refined with all features.
 
     See the module docstring for the method.
 
@@ -257,7 +303,17 @@ class ConsensusDetector:
     groups : also analyse within the model's answer groups (needs ``Scores.answer_token``).
     max_spread_ratio : a tail cluster counts only when its interquartile range is at most this
         share of the rest's (default 0.5): poison is collapsed, a clean mode is as broad as the rest.
-    features : the Scores fields used (default :data:`FEATURES`).
+    features : the Scores fields the valley test reads (default :data:`FEATURES`).
+    gap : width of the window next to a tail cluster, in cluster widths (default 1).
+    refine_features : the Scores fields the membership is refined with (default
+        :data:`REFINE_FEATURES`; None: no refinement, the test's cut decides).
+    refine_c : inverse L2 strength of the refining logistic regression (default 0.1).
+    min_separation : a tail cluster counts only when its median is at least this many
+        interquartile ranges of the rest beyond the rest's median (default 2).
+    group_features : the Scores fields in which whole answer groups are tested for collapse
+        (default :data:`GROUP_FEATURES`; None: no group test).
+    max_group_spread : a group is collapsed when its interquartile range in a feature is at most
+        this share of the other groups' median (default 0.15).
 
     Attributes
     ----------
@@ -288,7 +344,13 @@ class ConsensusDetector:
         gap: float = 1.0,
         refine_features: tuple[str, ...] | None = REFINE_FEATURES,
         refine_c: float = 0.1,
+        min_separation: float = 2.0,
+        group_features: tuple[str, ...] | None = GROUP_FEATURES,
+        max_group_spread: float = 0.15,
     ) -> None:
+        self.min_separation = min_separation
+        self.group_features = group_features
+        self.max_group_spread = max_group_spread
         self.gap = gap
         self.refine_features = refine_features
         self.refine_c = refine_c
@@ -305,7 +367,9 @@ class ConsensusDetector:
                 "min_group": self.min_group, "groups": self.groups, "max_spread_ratio": self.max_spread_ratio,
                 "features": list(self.features), "gap": self.gap,
                 "refine_features": None if self.refine_features is None else list(self.refine_features),
-                "refine_c": self.refine_c}  # fmt: skip
+                "refine_c": self.refine_c, "min_separation": self.min_separation,
+                "group_features": None if self.group_features is None else list(self.group_features),
+                "max_group_spread": self.max_group_spread}  # fmt: skip
 
     def _check(self) -> None:
         if not (np.isfinite(self.max_fraction) and 0 < self.max_fraction <= 1):
@@ -346,21 +410,93 @@ class ConsensusDetector:
         Columns are read in blocks, transposed and sorted row-wise (one sort serves both ends)."""
         keep = np.nonzero(rows.columns)[0]
         vidx = np.nonzero(rows.valid)[0]
+        # samples ordered so that every context is one contiguous slice (no gather per context)
+        label = np.full(len(vidx), -1)
+        for c, (_, idx, _) in enumerate(plans):
+            if len(idx) < len(vidx):
+                label[idx] = c
+        order = np.argsort(label, kind="stable")
+        spans = []
+        for c, (_, idx, _) in enumerate(plans):
+            if len(idx) == len(vidx):
+                spans.append((0, len(vidx)))
+            else:
+                start = int(np.searchsorted(label[order], c))
+                spans.append((start, start + len(idx)))
+        rows_in_order = vidx[order]
         out = [np.zeros((len(keep), 4)) for _ in plans]
         pos = 0
         for j0, blk in cols.blocks(self.block_width):
             sel = keep[(keep >= j0) & (keep < j0 + blk.shape[1])] - j0
             if not len(sel):
                 continue
-            bt = np.ascontiguousarray(blk[vidx][:, sel].T)  # (b, nv)
-            for c, (_, idx, ks) in enumerate(plans):
-                srt = np.sort(bt if len(idx) == len(vidx) else bt[:, idx], axis=1)
-                for r in range(len(sel)):
-                    hi = _scan_sorted(srt[r], ks, self.trim, self.gap)
-                    lo = _scan_sorted(-srt[r, ::-1], ks, self.trim, self.gap)
-                    best = (hi[0], 1.0, hi[2], hi[1]) if hi[0] <= lo[0] else (lo[0], -1.0, lo[2], lo[1])
-                    out[c][pos + r] = best if best[0] < 0 else (0.0, 0.0, np.inf, 0)
+            bt = np.ascontiguousarray(blk[rows_in_order][:, sel].T)  # (b, nv), contexts contiguous
+            for c, (_, _, ks) in enumerate(plans):
+                lo_, hi_ = spans[c]
+                srt = np.sort(bt[:, lo_:hi_], axis=1)
+                high = _high_tails(srt, ks, self.trim, self.gap)
+                low = _high_tails(-srt[:, ::-1], ks, self.trim, self.gap)
+                use_low = low[:, 0] < high[:, 0]
+                best = out[c][pos : pos + len(sel)]
+                best[:, 0] = np.where(use_low, low[:, 0], high[:, 0])
+                best[:, 1] = np.where(best[:, 0] < 0, np.where(use_low, -1.0, 1.0), 0.0)
+                best[:, 2] = np.where(best[:, 0] < 0, np.where(use_low, low[:, 2], high[:, 2]), np.inf)
+                best[:, 3] = np.where(best[:, 0] < 0, np.where(use_low, low[:, 1], high[:, 1]), 0)
             pos += len(sel)
+        return out
+
+    def _collapsed_groups(self, scores: Scores, valid: np.ndarray) -> list[tuple[int, np.ndarray, dict]]:
+        """Answer groups that are collapsed as a whole: ``(token, index into the valid samples, cluster)``.
+
+        A target answer the model learned to give to triggered images makes its own answer group
+        (``Scores.answer_token``), and the model attends to all of them alike. A group (of at least
+        ``min_group`` and at most ``max_fraction`` of the samples) is collapsed when, in some feature
+        of ``group_features``, its interquartile range is at most ``max_group_spread`` of the median
+        interquartile range of the other groups, and its median lies at least one interquartile
+        range of the rest away from the rest's median. Features in which the other groups are
+        themselves collapsed (IQR ~ 0: values piled at a bound) are not used.
+        """
+        if not self.group_features or scores.answer_token is None:
+            return []
+        tok = np.asarray(scores.answer_token)[valid]
+        labels, counts = np.unique(tok, return_counts=True)
+        big = labels[counts >= self.min_group]
+        if len(big) < 2:
+            return []
+        candidates = [t for t in big if (tok == t).sum() <= self.max_fraction * len(tok)]
+        if not candidates:
+            return []
+        cols = FeatureColumns(scores, tuple(self.group_features))
+        vidx = np.nonzero(valid)[0]
+        index = {t: np.nonzero(tok == t)[0] for t in big}
+        found: dict = {}
+        for j0, blk in cols.blocks(self.block_width):
+            x = blk[vidx]
+            if not np.isfinite(x).all():
+                x = np.where(np.isfinite(x), x, np.nan)
+            q = {t: np.nanpercentile(x[index[t]], [25, 50, 75], axis=0) for t in big}
+            iqr = {t: q[t][2] - q[t][0] for t in big}
+            for t in candidates:
+                rest = np.ones(len(tok), bool)
+                rest[index[t]] = False
+                qr = np.nanpercentile(x[rest], [25, 50, 75], axis=0)
+                others = np.median([iqr[u] for u in big if u != t], axis=0)
+                iqr_rest = qr[2] - qr[0]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    spread = iqr[t] / others
+                    sep = np.abs(q[t][1] - qr[1]) / iqr_rest
+                ok = (others > 1e-3) & (iqr_rest > 0) & (spread <= self.max_group_spread) & (sep >= 1.0)
+                for j in np.nonzero(ok)[0]:
+                    found.setdefault(t, []).append((float(spread[j]), cols.names[j0 + j]))
+        out = []
+        for t, feats in found.items():
+            feats.sort()
+            idx = index[t]
+            out.append((int(t), idx, {
+                "context": f"answer token {int(t)} (whole group)", "size": len(idx), "context_size": len(tok),
+                "evidence": float("nan"), "lead": feats[0][1], "side": "collapsed",
+                "spread": feats[0][0], "block": [f for _, f in feats], "n_significant": len(feats),
+            }))  # fmt: skip
         return out
 
     #: Rows the refining classifier is fitted on, at most, per class (members / others).
@@ -414,7 +550,11 @@ class ConsensusDetector:
         if members.sum() > self.max_fraction * len(vidx) or jac < 0.5:
             return seed, prob, (f"refinement dropped ({int(members.sum())} samples, Jaccard {jac:.2f} with the "
                                 f"test's {int(seed.sum())}): kept the test's cluster")  # fmt: skip
-        return members, prob, f"refined with {len(use)} features: {int(seed.sum())} -> {int(members.sum())} samples"
+        return (
+            members,
+            prob,
+            f"refined with {len(use)} features: {int(seed.sum())} -> {int(members.sum())} samples",
+        )
 
     def _members(self, best: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The tail cluster of one significant feature. Its size was tested on a grid; the cut is
@@ -435,7 +575,9 @@ class ConsensusDetector:
         vnames = [names[j] for j in keep]
         F, nv = len(keep), len(vidx)
         contexts = self._contexts(scores, rows.valid)
-        plans = [(label, idx, size_grid(self.min_cluster, int(frac * len(idx)))) for label, idx, frac in contexts]
+        plans = [
+            (label, idx, size_grid(self.min_cluster, int(frac * len(idx)))) for label, idx, frac in contexts
+        ]
         n_tests = sum(F * 2 * len(ks) for _, _, ks in plans)
         self.n_tests_ = int(n_tests)
         if n_tests == 0:
@@ -462,9 +604,10 @@ class ConsensusDetector:
         for (label, idx, _), scan in zip(plans, scans, strict=True):
             in_groups = groups_v is not None and len(idx) == nv  # the all-samples context
             ev = -(scan[:, 0] + log_m)
-            for j in np.nonzero(ev > 0)[0]:  # a broad mode is no evidence
-                ratio = _spread_ratio(scan[j, 1] * column(j, idx), scan[j, 2], groups_v if in_groups else None)
-                if not ratio <= self.max_spread_ratio:
+            for j in np.nonzero(ev > 0)[0]:  # a broad or near mode is no evidence
+                y = scan[j, 1] * column(j, idx)
+                ratio = _spread_ratio(y, scan[j, 2], groups_v if in_groups else None)
+                if not (ratio <= self.max_spread_ratio and _separation(y, scan[j, 2]) >= self.min_separation):
                     ev[j] = 0.0
             evidence = np.maximum(evidence, ev)
             for j in np.argsort(-ev)[:3]:
@@ -485,6 +628,10 @@ class ConsensusDetector:
                 "evidence": float(ev[sig[0]]), "lead": vnames[sig[0]], "side": "high" if scan[sig[0], 1] > 0 else "low",
                 "block": [vnames[j] for j in block], "n_significant": len(sig),
             })  # fmt: skip
+        for _, idx, cluster in self._collapsed_groups(scores, rows.valid):
+            in_cluster[idx] = True
+            score_v[idx] = np.maximum(score_v[idx], 1.0)
+            self.clusters_.append(cluster)
         if not self.clusters_ and ranking:  # nothing significant: rank by the three strongest features
             ranking.sort(key=lambda r: -r[0])
             top = ranking[:3]
@@ -510,7 +657,7 @@ class ConsensusDetector:
         reason = self._reason(n_found, nv, too_large, evidence, vnames, level) + rows.note()
         if refined:
             reason += f"; {refined}"
-        chosen = sorted({names.index(b) for c in self.clusters_ for b in c["block"]})
+        chosen = sorted({names.index(b) for c in self.clusters_ for b in c["block"] if b in names})
         self.detection_ = Detection(
             ids=scores.ids,
             flagged=flagged,
@@ -547,7 +694,10 @@ class ConsensusDetector:
                 "nothing flagged"
             )
         parts = "; ".join(
-            f"{c['context']}: {c['size']} of {c['context_size']} at the {c['side']} end of {c['lead']} "
+            f"{c['context']}: {c['size']} samples collapsed in {c['lead']} (interquartile range "
+            f"{c['spread']:.2f} of the other groups', {len(c['block'])} such feature(s))"
+            if c["side"] == "collapsed"
+            else f"{c['context']}: {c['size']} of {c['context_size']} at the {c['side']} end of {c['lead']} "
             f"(evidence {c['evidence']:.1f}, {len(c['block'])} agreeing feature(s))"
             for c in self.clusters_
         )

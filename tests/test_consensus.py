@@ -101,7 +101,10 @@ def test_finds_a_tight_cluster_on_either_side(side):
     # per-head features can drive the test too
     heads = bye_fast.detect(scores, features=("head_entropy",), refine_features=None)
     np.testing.assert_array_equal(heads.flagged, truth)
-    assert heads.details["clusters"][0]["lead"] in ("head_entropy layer 5 head 2", "head_entropy layer 5 head 3")
+    assert heads.details["clusters"][0]["lead"] in (
+        "head_entropy layer 5 head 2",
+        "head_entropy layer 5 head 3",
+    )
 
 
 def test_refinement_keeps_members_the_lead_feature_misses():
@@ -166,3 +169,35 @@ def test_detection_json_round_trip_and_options(tmp_path):
             bye_fast.detect(scores, **bad)
     with pytest.raises(ValueError, match="bad option"):
         bye_fast.detect(scores, threshold=2.0)
+
+
+def _answer_groups(seed, n_groups, poison_share=0.0, n=1000):
+    """Clean answer groups at different places with similar spreads; optionally a poison group
+    (its own answer token) whose heads are collapsed while its layer entropy is unremarkable."""
+    rng = np.random.default_rng(seed)
+    answer = rng.integers(0, n_groups, n)
+    truth = rng.random(n) < poison_share
+    answer[truth] = n_groups  # the target answer: a group of its own
+    he = rng.normal(0.0, 0.3, size=(n, 6, 4)) + rng.normal(0, 1.0, size=(n_groups + 1, 6, 4))[answer]
+    he[truth, 2, 1] = 4.0 + rng.normal(0, 0.01, truth.sum())
+    return Scores(entropy=he.mean(-1), head_entropy=he, answer_token=answer), truth
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_collapsed_answer_group_is_found_whole(seed):
+    scores, truth = _answer_groups(seed, n_groups=4, poison_share=0.08)
+    det = bye_fast.detect(scores, refine_features=None)
+    assert [c["context"] for c in det.details["clusters"]] == ["answer token 4 (whole group)"]
+    assert det.details["clusters"][0]["lead"] == "head_entropy layer 2 head 1"
+    np.testing.assert_array_equal(det.flagged, truth)
+    assert "collapsed in head_entropy layer 2 head 1" in det.reason
+    assert bye_fast.detect(scores, group_features=None, refine_features=None).n_flagged == 0
+
+
+@pytest.mark.parametrize("n_groups", [2, 10])
+def test_clean_answer_groups_are_not_collapsed(n_groups):
+    """Groups that differ in place but not in spread (answer classes) are left alone, 20 seeds."""
+    for seed in range(20):
+        scores, _ = _answer_groups(seed, n_groups=n_groups)
+        det = bye_fast.detect(scores)
+        assert det.n_flagged == 0, det.reason
