@@ -831,8 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole job on a built-in poisoned dataset: LoRA-fine-tune the shipped tiny MLLM on "
         "poisoned data, detect, clean, fine-tune again, and report the attack before/after",
     )
-    p.add_argument("--task", default="scenes", choices=["scenes", "digits-parity", "digits-ten"],
-                   help="built-in user task (default: scenes, six question types)")  # fmt: skip
+    p.add_argument("--task", default="digits-parity", choices=["scenes", "digits-parity", "digits-ten"],
+                   help="built-in user task (default: digits-parity, where the lab's model learns the paper's "
+                        "trigger best; see benchmarks/results/learnability.md)")  # fmt: skip
     p.add_argument("--trigger", default="patch",
                    help="image trigger of the attack: patch (the paper's, default), random_patch, two_patches, "
                         "blended, sig, wanet")  # fmt: skip

@@ -180,7 +180,11 @@ def _high_tails(srt: np.ndarray, ks: np.ndarray, trim: float, gap: float = 1.0) 
     for r in range(b):
         tail[r] = n - np.searchsorted(srt[r], cut[r], side="left")  # values >= cut (ties included)
         window[r] = n - np.searchsorted(srt[r], low[r], side="left") - tail[r]
-    logp = np.where(w > 0, _log10_binom_cdf(window, window + tail, gap / (1 + gap)), 0.0)
+    q = gap / (1 + gap)
+    # only counts below the binomial mean can give evidence (above it, P >= ~1/2): skip the rest
+    low_count = (w > 0) & (window < q * (window + tail))
+    logp = np.zeros(cut.shape)
+    logp[low_count] = _log10_binom_cdf(window[low_count], (window + tail)[low_count], q)
     i = np.argmin(logp, axis=1)
     rows = np.arange(b)
     best = logp[rows, i]
@@ -210,8 +214,9 @@ def valley_scan(
 
     For each size k (``sizes``, default every k in ``[kmin, kmax]``): the k largest values (less
     the top ``trim`` share, so that one far outlier does not widen the window) span ``w``; ``m``
-    values lie in ``[cut - w, cut)``; ``p = P(Binomial(m + k, 1/2) <= m)``. Ties at the top
-    (``w == 0``) give no evidence. ``(0.0, 0, inf)`` when no k is possible.
+    values lie in ``[cut - gap w, cut)``; ``p = P(Binomial(m + k, gap/(1+gap)) <= m)``. Ties at the
+    top (``w == 0``) and counts at or above the binomial mean give no evidence (p := 1).
+    ``(0.0, 0, inf)`` when no k is possible.
     """
     ks = np.arange(kmin, int(kmax) + 1) if sizes is None else np.asarray(sizes, np.int64)
     if kmin < 1:
@@ -237,6 +242,8 @@ def valley_scan_reference(
         window = sum(cut - gap * w <= v < cut for v in ys)
         m = window + tail
         q = gap / (1 + gap)
+        if window >= q * m:  # at or above the binomial mean: no evidence (p >= ~1/2)
+            continue
         p = sum(comb(m, i) * q**i * (1 - q) ** (m - i) for i in range(window + 1))
         lp = log10(p)
         if lp < best[0]:
@@ -472,21 +479,24 @@ class ConsensusDetector:
         found: dict = {}
         for j0, blk in cols.blocks(self.block_width):
             x = blk[vidx]
-            if not np.isfinite(x).all():
-                x = np.where(np.isfinite(x), x, np.nan)
-            q = {t: np.nanpercentile(x[index[t]], [25, 50, 75], axis=0) for t in big}
+            pct = np.percentile if np.isfinite(x).all() else np.nanpercentile
+            q = {t: pct(x[index[t]], [25, 50, 75], axis=0) for t in big}
             iqr = {t: q[t][2] - q[t][0] for t in big}
             for t in candidates:
-                rest = np.ones(len(tok), bool)
-                rest[index[t]] = False
-                qr = np.nanpercentile(x[rest], [25, 50, 75], axis=0)
                 others = np.median([iqr[u] for u in big if u != t], axis=0)
-                iqr_rest = qr[2] - qr[0]
                 with np.errstate(divide="ignore", invalid="ignore"):
                     spread = iqr[t] / others
-                    sep = np.abs(q[t][1] - qr[1]) / iqr_rest
-                ok = (others > 1e-3) & (iqr_rest > 0) & (spread <= self.max_group_spread) & (sep >= 1.0)
-                for j in np.nonzero(ok)[0]:
+                cand = np.nonzero((others > 1e-3) & (spread <= self.max_group_spread))[0]
+                if not len(cand):  # the rest's quartiles only where the group is collapsed
+                    continue
+                rest = np.ones(len(tok), bool)
+                rest[index[t]] = False
+                qr = pct(x[rest][:, cand], [25, 50, 75], axis=0)
+                iqr_rest = qr[2] - qr[0]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    sep = np.abs(q[t][1][cand] - qr[1]) / iqr_rest
+                for k in np.nonzero((iqr_rest > 0) & (sep >= 1.0))[0]:
+                    j = int(cand[k])
                     found.setdefault(t, []).append((float(spread[j]), cols.names[j0 + j]))
         out = []
         for t, feats in found.items():

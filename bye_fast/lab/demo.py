@@ -61,7 +61,7 @@ class DemoResult:
 def run_demo(
     out: str | os.PathLike = "bye_fast_demo",
     *,
-    task: str = "scenes",
+    task: str = "digits-parity",
     trigger: str = "patch",
     rate: float = 0.1,
     seed: int = 0,
