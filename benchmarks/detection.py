@@ -144,8 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         "--options", default="{}", help="JSON keyword arguments of bye_fast.detect for the default"
     )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "detection")
+    ap.add_argument("--existing-only", action="store_true",
+                    help="only the protocol's cells already prepared under --work (the others are listed "
+                         "as not run in the results)")  # fmt: skip
     args = ap.parse_args(argv)
     todo = cells_of(args.set)
+    args.not_run = []
+    if args.existing_only:
+        args.not_run = [c for c in todo if not (args.work / c[1].name / "scores.npz").exists()]
+        todo = [c for c in todo if (args.work / c[1].name / "scores.npz").exists()]
     # clean cells first: the others read their CA
     todo.sort(key=lambda c: c[1].rate > 0)
     opts = json.loads(args.options)
@@ -203,6 +210,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         sub = [r for r in rows if r["set"] == set_name]
         if sub:
             lines += _section(sub, title)
+    if getattr(args, "not_run", None):
+        names = ", ".join(f"`{spec.name}`" for _, spec in args.not_run)
+        lines += ["", f"## Protocol cells not run ({len(args.not_run)})", "",
+                  "These cells of the protocol were not prepared in this run (time); they are missing from "
+                  f"the tables above: {names}."]  # fmt: skip
     lines += ["", "Per cell: `detection.csv`."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -233,13 +245,16 @@ def _section(rows: list[dict], title: str) -> list[str]:
         out.append(f"| every clean cell <= 1% removed | worst {worst:.1%} of {len(dc)} clean cells | "
                    f"{'met' if worst <= 0.01 else '**missed**'} |")  # fmt: skip
     out += ["", "Every detector on the same cells (median [worst] over learned cells; clean cells: removed share):", "",
-            "| detector | F1 | precision | recall | removed | clean cells removed |", "|---|---|---|---|---|---|"]  # fmt: skip
+            "| detector | F1 | precision | recall | removed | clean cells removed | unlearned poisoned cells removed |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    unlearned = [r for r in rows if r["rate"] > 0 and not r["learned"]]
     for name in DETECTORS:
         lr = [r for r in learned if r["detector"] == name]
         cr = [r for r in clean if r["detector"] == name]
+        ur = [r for r in unlearned if r["detector"] == name]
         out.append(f"| {name} | {_med_worst([r['f1'] for r in lr])} | {_med_worst([r['precision'] for r in lr])} | "
                    f"{_med_worst([r['recall'] for r in lr])} | {_med_worst([r['removed'] for r in lr], max)} | "
-                   f"{_med_worst([r['removed'] for r in cr], max)} |")  # fmt: skip
+                   f"{_med_worst([r['removed'] for r in cr], max)} | {_med_worst([r['removed'] for r in ur], max)} |")  # fmt: skip
     out += ["", "Per task, target, trigger and rate (the default; median [worst] over seeds; learned cells only):", "",
             "| task | target | trigger | rate | cells | F1 | removed | ASR before | ASR after | CA after - clean | paper F1 | ceiling F1 |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

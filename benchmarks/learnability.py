@@ -96,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "learnability",
                     help="results prefix: writes .csv and .md (default benchmarks/results/learnability)")  # fmt: skip
+    ap.add_argument("--existing-only", action="store_true",
+                    help="only cells already prepared under --work (the others are listed as not run)")  # fmt: skip
     args = ap.parse_args(argv)
     todo = specs(args)
+    args.not_run = []
+    if args.existing_only:
+        args.not_run = [s for s in todo if not (args.work / s.name / "before.json").exists()]
+        todo = [s for s in todo if (args.work / s.name / "before.json").exists()]
     print(f"{len(todo)} cells, {args.workers} workers; cells in {args.work}", flush=True)
     t0 = time.perf_counter()
     rows = []
@@ -169,6 +175,10 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         by = ", ".join(f"{k} {v:.2f}" for k, v in r["ca_by_type"].items())
         lines.append(f"| {r['task']} | {r['seed']} | {r['ca']:.3f} | {by} |")
     lines += ["", _targets(groups), ""]
+    if args.not_run:
+        lines += [f"## Cells not run ({len(args.not_run)})", "",
+                  "Asked for but not prepared in this run (time): "
+                  + ", ".join(f"`{s.name}`" for s in args.not_run) + ".", ""]  # fmt: skip
     args.out.with_suffix(".md").write_text("\n".join(lines))
 
 
