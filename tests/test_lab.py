@@ -222,3 +222,44 @@ def test_the_papers_patch_covers_an_image_token():
     ys, xs = np.nonzero((out != img).any(axis=2))
     assert (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) == (8, 8)  # one 8-pixel token's size
     assert abs(ys.mean() - 47.5) < 1 and abs(xs.mean() - 47.5) < 1 and (out[ys, xs] == 0).all()
+
+
+def test_the_demo_runs_end_to_end_on_a_small_cell(tmp_path):
+    """bye-fast demo's pipeline on 80 samples and one epoch: every output it promises, nothing lost."""
+    from bye_fast.detect import Detection
+    from bye_fast.lab.demo import run_demo
+
+    out = tmp_path / "demo"
+    run_demo(out, n_user=80, n_test=40, epochs=1, rate=0.2, progress=False, verbose=False)
+    res = json.loads((out / "result.json").read_text())
+    for key in ("ca_before", "asr_before", "f1", "removed_fraction", "asr_after", "ca_after", "task",
+                "trigger", "n_image_tokens", "n_text_layers", "paper_f1"):  # fmt: skip
+        assert key in res, key
+    assert (res["task"], res["trigger"], res["n_image_tokens"], res["n_text_layers"]) == (
+        "digits-parity",
+        "patch",
+        144,
+        6,
+    )
+    for name in (
+        "report.md",
+        "detection.json",
+        "detection_paper.json",
+        "plots/attention.png",
+        "plots/ca_asr.png",
+    ):
+        assert (out / name).is_file(), name
+    det = Detection.from_json(out / "detection.json")
+    kept = json.loads((out / "data" / "train.clean.json").read_text())
+    removed = json.loads((out / "data" / "train.clean.removed.json").read_text())
+    assert (
+        len(det.ids) == 80
+        and len(kept) + len(removed) == 80
+        and len(removed) == det.n_flagged == res["n_removed"]
+    )
+    assert {r["id"] for r in removed} == set(
+        det.ids[det.flagged].tolist()
+    )  # the audit file holds what was removed
+    assert all("bye_detection" in r for r in removed)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_demo(out, n_user=80, n_test=40, epochs=1, rate=0.2, progress=False, verbose=False)
