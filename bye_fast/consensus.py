@@ -181,8 +181,11 @@ def _high_tails(srt: np.ndarray, ks: np.ndarray, trim: float, gap: float = 1.0) 
         tail[r] = n - np.searchsorted(srt[r], cut[r], side="left")  # values >= cut (ties included)
         window[r] = n - np.searchsorted(srt[r], low[r], side="left") - tail[r]
     q = gap / (1 + gap)
-    # only counts below the binomial mean can give evidence (above it, P >= ~1/2): skip the rest
-    low_count = (w > 0) & (window < q * (window + tail))
+    # only counts below the binomial mean can give evidence (above it, P >= ~1/2), and only when
+    # the window lies beyond the median: the test's premise (a density decreasing away from the
+    # bulk) says nothing about a window that reaches across the mode
+    median = srt[:, (n - 1) // 2 : (n - 1) // 2 + 1]
+    low_count = (w > 0) & (window < q * (window + tail)) & (low >= median)
     logp = np.zeros(cut.shape)
     logp[low_count] = _log10_binom_cdf(window[low_count], (window + tail)[low_count], q)
     i = np.argmin(logp, axis=1)
@@ -215,7 +218,8 @@ def valley_scan(
     For each size k (``sizes``, default every k in ``[kmin, kmax]``): the k largest values (less
     the top ``trim`` share, so that one far outlier does not widen the window) span ``w``; ``m``
     values lie in ``[cut - gap w, cut)``; ``p = P(Binomial(m + k, gap/(1+gap)) <= m)``. Ties at the
-    top (``w == 0``) and counts at or above the binomial mean give no evidence (p := 1).
+    top (``w == 0``), counts at or above the binomial mean, and windows reaching below the
+    median (``cut - gap w`` < the lower median) give no evidence (p := 1).
     ``(0.0, 0, inf)`` when no k is possible.
     """
     ks = np.arange(kmin, int(kmax) + 1) if sizes is None else np.asarray(sizes, np.int64)
@@ -239,6 +243,8 @@ def valley_scan_reference(
         if w <= 0:
             continue
         tail = sum(v >= cut for v in ys)
+        if cut - gap * w < sorted(ys)[(n - 1) // 2]:  # the window reaches below the median
+            continue
         window = sum(cut - gap * w <= v < cut for v in ys)
         m = window + tail
         q = gap / (1 + gap)
@@ -396,7 +402,7 @@ class ConsensusDetector:
             for t in np.unique(tok):
                 idx = np.nonzero(tok == t)[0]
                 if self.min_group <= len(idx) < nv:
-                    contexts.append((f"answer token {int(t)}", idx, 0.5))
+                    contexts.append((f"answer token {int(t)}", idx, self.max_fraction))
         return contexts
 
     def _group_index(self, scores: Scores, valid: np.ndarray) -> list[np.ndarray] | None:
@@ -476,11 +482,14 @@ class ConsensusDetector:
         cols = FeatureColumns(scores, tuple(self.group_features))
         vidx = np.nonzero(valid)[0]
         index = {t: np.nonzero(tok == t)[0] for t in big}
+        order = np.argsort(tok, kind="stable")  # each group one contiguous slice of the columns
+        starts = {t: int(np.searchsorted(tok[order], t)) for t in big}
         found: dict = {}
         for j0, blk in cols.blocks(self.block_width):
             x = blk[vidx]
+            xt = np.ascontiguousarray(x[order].T)  # (b, nv): quantiles along contiguous rows
             pct = np.percentile if np.isfinite(x).all() else np.nanpercentile
-            q = {t: pct(x[index[t]], [25, 50, 75], axis=0) for t in big}
+            q = {t: pct(xt[:, starts[t] : starts[t] + len(index[t])], [25, 50, 75], axis=1) for t in big}
             iqr = {t: q[t][2] - q[t][0] for t in big}
             for t in candidates:
                 others = np.median([iqr[u] for u in big if u != t], axis=0)
