@@ -140,10 +140,23 @@ def feature_matrix(scores: Scores, families: tuple[str, ...] = FEATURES) -> tupl
 
 
 def _log10_binom_cdf(k: np.ndarray, n: np.ndarray, q: float = 0.5) -> np.ndarray:
-    """log10 P(Binomial(n, q) <= k), elementwise."""
+    """log10 P(Binomial(n, q) <= k), elementwise, finite far into the lower tail.
+
+    Where scipy's ``logcdf`` underflows (-inf: thousands of samples in a clean gap), the sum
+    ``pmf(k) (1 + r + r^2 + ...)`` with ``r = k (1 - q) / ((n - k + 1) q) < 1`` (k below the mean)
+    is bounded in log space: ``log pmf(k) - log(1 - r)`` -- so that larger clusters keep getting
+    smaller p-values instead of tying at -inf."""
     from scipy.stats import binom
 
-    return binom.logcdf(k, n, q) / np.log(10)
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    out = binom.logcdf(k, n, q)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        kb, nb = np.broadcast_to(k, out.shape)[bad], np.broadcast_to(n, out.shape)[bad]
+        r = np.clip(kb * (1 - q) / ((nb - kb + 1) * q), 0.0, 1 - 1e-12)
+        out[bad] = binom.logpmf(kb, nb, q) - np.log1p(-r)
+    return out / np.log(10)
 
 
 #: Candidate cluster sizes grow by this factor (every integer while the step is below one).

@@ -201,3 +201,15 @@ def test_clean_answer_groups_are_not_collapsed(n_groups):
         scores, _ = _answer_groups(seed, n_groups=n_groups)
         det = bye_fast.detect(scores)
         assert det.n_flagged == 0, det.reason
+
+
+def test_a_large_far_cluster_is_found_whole():
+    """30,000 samples, 3,000 in a far, tight cluster: the p-values of every size near the cluster's
+    underflow in scipy; the bound in log space still ranks the whole cluster best."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(4.0, 0.3, size=(30_000, 4))
+    truth = np.zeros(30_000, bool)
+    truth[rng.choice(30_000, 3_000, replace=False)] = True
+    x[truth, 2] = 2.0 + rng.normal(0, 0.02, truth.sum())
+    det = bye_fast.detect(Scores(entropy=x), refine_features=None)
+    np.testing.assert_array_equal(det.flagged, truth)
