@@ -53,6 +53,7 @@ Every decision is in ``Detection.reason`` and ``details`` (per-feature evidence
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import ClassVar
 
@@ -293,6 +294,15 @@ def _spread_ratio(y: np.ndarray, cut: float, groups: list[np.ndarray] | None = N
     return _iqr(y[tail]) / ref if ref > 0 else float("inf")
 
 
+def _n_threads(n_jobs: int | None, n_tasks: int) -> int:
+    """Threads for ``n_jobs`` (scikit-learn's convention: None = 1, -1 = every core)."""
+    if n_jobs is None:
+        return 1
+    cores = os.cpu_count() or 1
+    want = cores + 1 + n_jobs if n_jobs < 0 else n_jobs
+    return max(1, min(want, n_tasks))
+
+
 def _separation(y: np.ndarray, cut: float) -> float:
     """How far the tail (``y >= cut``) lies from the rest: the difference of their medians in
     interquartile ranges of the rest. A poisoned group sits beyond the bulk (>= 2 on the design
@@ -340,6 +350,8 @@ class ConsensusDetector:
         (default :data:`GROUP_FEATURES`; None: no group test).
     max_group_spread : a group is collapsed when its interquartile range in a feature is at most
         this share of the other groups' median (default 0.15).
+    n_jobs : threads for the feature scan (scikit-learn's convention; default -1, every core).
+        The result does not depend on it.
 
     Attributes
     ----------
@@ -373,7 +385,9 @@ class ConsensusDetector:
         min_separation: float = 2.0,
         group_features: tuple[str, ...] | None = GROUP_FEATURES,
         max_group_spread: float = 0.15,
+        n_jobs: int | None = -1,
     ) -> None:
+        self.n_jobs = n_jobs
         self.min_separation = min_separation
         self.group_features = group_features
         self.max_group_spread = max_group_spread
@@ -395,7 +409,7 @@ class ConsensusDetector:
                 "refine_features": None if self.refine_features is None else list(self.refine_features),
                 "refine_c": self.refine_c, "min_separation": self.min_separation,
                 "group_features": None if self.group_features is None else list(self.group_features),
-                "max_group_spread": self.max_group_spread}  # fmt: skip
+                "max_group_spread": self.max_group_spread, "n_jobs": self.n_jobs}  # fmt: skip
 
     def _check(self) -> None:
         if not (np.isfinite(self.max_fraction) and 0 < self.max_fraction <= 1):
@@ -451,12 +465,19 @@ class ConsensusDetector:
                 spans.append((start, start + len(idx)))
         rows_in_order = vidx[order]
         out = [np.zeros((len(keep), 4)) for _ in plans]
-        pos = 0
-        for j0, blk in cols.blocks(self.block_width):
-            sel = keep[(keep >= j0) & (keep < j0 + blk.shape[1])] - j0
-            if not len(sel):
-                continue
-            bt = np.ascontiguousarray(blk[rows_in_order][:, sel].T)  # (b, nv), contexts contiguous
+        jobs, pos = [], 0
+        for j0 in range(0, cols.n_features, self.block_width):
+            j1 = min(j0 + self.block_width, cols.n_features)
+            sel = keep[(keep >= j0) & (keep < j1)] - j0
+            if len(sel):
+                jobs.append((j0, j1, sel, pos))
+                pos += len(sel)
+
+        def run(job) -> None:  # one block of features, every context; writes its own rows of out
+            j0, j1, sel, pos = job
+            bt = np.ascontiguousarray(
+                cols.block(j0, j1)[rows_in_order][:, sel].T
+            )  # (b, nv), contexts contiguous
             for c, (_, _, ks) in enumerate(plans):
                 lo_, hi_ = spans[c]
                 srt = np.sort(bt[:, lo_:hi_], axis=1)
@@ -468,7 +489,16 @@ class ConsensusDetector:
                 best[:, 1] = np.where(best[:, 0] < 0, np.where(use_low, -1.0, 1.0), 0.0)
                 best[:, 2] = np.where(best[:, 0] < 0, np.where(use_low, low[:, 2], high[:, 2]), np.inf)
                 best[:, 3] = np.where(best[:, 0] < 0, np.where(use_low, low[:, 1], high[:, 1]), 0)
-            pos += len(sel)
+
+        threads = _n_threads(self.n_jobs, len(jobs))
+        if threads == 1:
+            for job in jobs:
+                run(job)
+        else:  # numpy's sorts and copies release the GIL
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, jobs))
         return out
 
     def _collapsed_groups(self, scores: Scores, valid: np.ndarray) -> list[tuple[int, np.ndarray, dict]]:

@@ -40,7 +40,7 @@ def test_valley_scan_on_the_size_grid_matches_its_reference(dtype):
 
 
 def test_blocked_scan_equals_one_block():
-    """The block-wise read of the features (for large inputs) decides exactly as one block."""
+    """The block-wise read of the features (for large inputs), in threads or not, decides exactly as one block."""
     scores, _ = _poisoned(seed=4)
     one = ConsensusDetector().fit(scores)
     small = ConsensusDetector()
@@ -48,6 +48,11 @@ def test_blocked_scan_equals_one_block():
     small.fit(scores)
     np.testing.assert_array_equal(one.flagged_, small.flagged_)
     np.testing.assert_allclose(one.evidence_, small.evidence_)
+    threaded = ConsensusDetector(n_jobs=3)
+    threaded.block_width = 2  # many blocks over three threads
+    threaded.fit(scores)
+    np.testing.assert_array_equal(one.flagged_, threaded.flagged_)
+    np.testing.assert_array_equal(one.evidence_, threaded.evidence_)
 
 
 @pytest.mark.parametrize("n", [10, 20, 40, 100, 400])
