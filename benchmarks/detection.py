@@ -65,7 +65,7 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
 
     design = family("digits-parity", (0, 1), "design", existing=TRIGGERS)
     heldout = family("digits-ten", (2, 3, 4), "heldout") + family("scenes", (2, 3, 4), "heldout")
-    parity_new = family("digits-parity", (2,), "design-family-new-seeds")
+    parity_new = family("digits-parity", (2, 3, 4), "design-family-new-seeds")
     return {"design": design, "heldout": heldout + parity_new, "all": design + heldout + parity_new}[which]
 
 
