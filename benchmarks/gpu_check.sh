@@ -11,6 +11,11 @@
 #   build         python3 -m pip install --no-build-isolation --no-deps -e .   (dry run: PYTHONPATH)
 #   tests         python3 -m pytest -q -x with compiled Triton kernels (dry run: TRITON_INTERPRET=1
 #                 and a subset, $BYE_GPU_CHECK_PYTEST_ARGS)
+#   quantized     benchmarks/check_quantized.py: a LLaVA-shaped random model (bench_score's cpu-1b preset,
+#                 bf16) saved and reloaded plain, 8-bit and 4-bit (bitsandbytes) and with device_map="auto"
+#                 + max_memory offloading half the weights to CPU; score vs score_reference, time, peak
+#                 memory. Missing bitsandbytes/accelerate is recorded as such (dry run: tiny fp32 model,
+#                 offload to disk; 8/4-bit recorded as "skipped: needs CUDA")
 #   bench_score   benchmarks/bench_score.py, LLaVA-1.5-7B architecture in bf16 with random weights at
 #                 576, 2916 and 5184 image tokens: forward and score at batch 1 and 4, the reference
 #                 path at batch 1, 2, 4, 8 until it runs out of memory (dry run: --quick)
@@ -18,7 +23,8 @@
 # then prints a short table last and where the results went.
 #
 # Results: $OUT if set, else benchmarks/results/: gpu_check_steps.tsv, gpu_check_summary.md,
-# bench_score_gpu_check*.{csv,md}, bench_kernel_*.{csv,md}, gpu_check_logs/<step>.log.
+# bench_score_gpu_check*.{csv,md}, check_quantized_gpu_check*.{csv,md}, bench_kernel_*.{csv,md},
+# gpu_check_logs/<step>.log.
 # Environment: PYTHON (default python3), BYE_GPU_CHECK_BUDGET (seconds, default 465; dry run 170).
 # Exit status: 0 if every step passed, 1 otherwise (after the table).
 set -euo pipefail
@@ -30,7 +36,7 @@ DRY=0
 for arg in "$@"; do
     case "$arg" in
         --cpu-dry-run) DRY=1 ;;
-        -h | --help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -122,6 +128,13 @@ else
     step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"}
 fi
 
+# ---------------------------------------------------------------- quantized
+if ((DRY)); then
+    step quantized 60 "$PY" benchmarks/check_quantized.py --cpu --threads 1 --tag "$TAG" --out "$DEST"
+else
+    step quantized 90 "$PY" benchmarks/check_quantized.py --tag "$TAG" --out "$DEST"
+fi
+
 # ---------------------------------------------------------------- bench_score
 if ((DRY)); then
     step bench_score 120 "$PY" benchmarks/bench_score.py --quick --grouped --threads 1 --timeout 60 \
@@ -148,7 +161,8 @@ fi
 
 # ---------------------------------------------------------------- table
 echo
-"$PY" benchmarks/gpu_check_summary.py "$STEPS" "$DEST/bench_score_$TAG.csv" "$DEST/gpu_check_summary.md" ||
+"$PY" benchmarks/gpu_check_summary.py "$STEPS" "$DEST/bench_score_$TAG.csv" "$DEST/gpu_check_summary.md" \
+    "$DEST/check_quantized_$TAG.csv" ||
     cat "$STEPS"
 echo
 echo "gpu_check: $((SECONDS))s in all; results in $DEST (logs in $LOGS)"

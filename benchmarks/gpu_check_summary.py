@@ -1,6 +1,6 @@
 """The short table that ``gpu_check.sh`` prints last (and saves as ``gpu_check_summary.md``).
 
-    python benchmarks/gpu_check_summary.py STEPS_TSV BENCH_CSV OUT_MD
+    python benchmarks/gpu_check_summary.py STEPS_TSV BENCH_CSV OUT_MD [QUANTIZED_CSV]
 
 Never fails on missing or partial inputs: what is missing is shown as such.
 """
@@ -64,13 +64,36 @@ def bench_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def quantized_table(rows: list[dict]) -> list[str]:
+    """check_quantized.py's cases: status, score vs reference, time and peak memory of each path."""
+    if not rows:
+        return ["(no quantized/offload results)"]
+    out = [
+        "| case | status | max abs d (field) | score s | reference s | score peak GB | reference peak GB | placement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        diff = _num(r.get("max_abs_diff"), ".2e")
+        if diff != "-" and r.get("worst_field"):
+            diff += f" ({r['worst_field']})"
+        cells = [r.get("case") or "-", r.get("status") or "-", diff, _num(r.get("score_s"), ".3g"),
+                 _num(r.get("reference_s"), ".3g"), _num(r.get("score_peak_gb"), ".3g"),
+                 _num(r.get("reference_peak_gb"), ".3g"), r.get("placement") or "-"]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def main(argv: list[str]) -> int:
     steps_path, bench_path, out_md = map(Path, argv[1:4])
+    quant_path = Path(argv[4]) if len(argv) > 4 else None
     steps = _read(steps_path, "\t")
     lines = ["## gpu_check steps", "", "| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps]
     lines += ["", f"## bench_score ({bench_path.name}): samples/s (peak GB)", ""]
     lines += bench_table(_read(bench_path))
+    if quant_path is not None:
+        lines += ["", f"## quantized and offloaded models ({quant_path.name}): score vs score_reference", ""]
+        lines += quantized_table(_read(quant_path))
     text = "\n".join(lines) + "\n"
     try:
         out_md.write_text(text)

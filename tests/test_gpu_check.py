@@ -42,13 +42,22 @@ def test_gpu_check_cpu_dry_run(tmp_path):
         "| environment | ok |",
         "| tests | ok |",
         "| bench_score | ok |",
+        "| quantized | ok |",
         "| build | skipped (dry run",
+        "| 8bit | skipped: needs CUDA |",
+        "| 4bit | skipped: needs CUDA |",
+        "| offload | ok |",
     ):
         assert line in tail
     assert "| 64 | " in tail and "| 256 | " in tail  # one bench row per image-token count, no cell failed
     assert "failed" not in tail and "OOM" not in tail
     assert out.rstrip().splitlines()[-1].startswith("gpu_check: ") and str(tmp_path) in out.splitlines()[-1]
-    for name in ("gpu_check_steps.tsv", "gpu_check_summary.md", "bench_score_gpu_check_dryrun.csv"):
+    for name in (
+        "gpu_check_steps.tsv",
+        "gpu_check_summary.md",
+        "bench_score_gpu_check_dryrun.csv",
+        "check_quantized_gpu_check_dryrun.csv",
+    ):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "gpu_check_logs" / "tests.log").read_text().count("passed") == 1
 
