@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--existing-only", action="store_true",
                     help="only the protocol's cells already prepared under --work (the others are listed "
                          "as not run in the results)")  # fmt: skip
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a detection.csv of an earlier run with the same detector: its cells' rows are "
+                         "taken as they are instead of recomputed")  # fmt: skip
     args = ap.parse_args(argv)
     todo = cells_of(args.set)
     args.not_run = []
@@ -156,9 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     # clean cells first: the others read their CA
     todo.sort(key=lambda c: c[1].rate > 0)
     opts = json.loads(args.options)
+    rows: list[dict] = []
+    if args.reuse is not None:
+        old = _read_rows(args.reuse)
+        keep = []
+        for name, spec in todo:
+            got = old.get(_key(name, spec), [])
+            if len(got) == len(DETECTORS):
+                rows += got
+            else:
+                keep.append((name, spec))
+        print(f"reused {len(todo) - len(keep)} cells from {args.reuse}", flush=True)
+        todo = keep
     print(f"{len(todo)} cells, {args.workers} workers", flush=True)
     t0 = time.perf_counter()
-    rows: list[dict] = []
     with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
         clean = [c for c in todo if c[1].rate == 0]
         poisoned = [c for c in todo if c[1].rate > 0]
@@ -174,6 +188,32 @@ def main(argv: list[str] | None = None) -> int:
                       f"paper F1 {r[1]['f1']:.3f} ({d['seconds']} s)", flush=True)  # fmt: skip
     write_results(rows, args, time.perf_counter() - t0)
     return 0
+
+
+def _key(set_name: str, spec: CellSpec) -> tuple:
+    trigger = spec.trigger if spec.rate > 0 else "clean"
+    return (set_name, spec.task, trigger, float(spec.rate), spec.target, int(spec.seed))
+
+
+def _read_rows(path: Path) -> dict[tuple, list[dict]]:
+    """Rows of an earlier run's CSV, typed back, by cell."""
+    out: dict[tuple, list[dict]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict = {}
+            for k, v in r.items():
+                if k in ("set", "task", "trigger", "target", "detector"):
+                    row[k] = v
+                elif k == "learned":
+                    row[k] = v == "True"
+                elif k in ("seed", "n_poisoned"):
+                    row[k] = int(v)
+                else:
+                    row[k] = float(v) if v not in ("", "nan") else float("nan")
+            row["reason"] = ""
+            key = (row["set"], row["task"], row["trigger"], row["rate"], row["target"], row["seed"])
+            out.setdefault(key, []).append(row)
+    return out
 
 
 def _fmt(x) -> str:
