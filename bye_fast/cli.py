@@ -658,16 +658,7 @@ def _add_review_parser(sub) -> None:
     p.add_argument("--layers", type=_layer_list, default=None,
                    help="decoder layers whose maps are averaged: 'all' or indices like 0,2,5-7 (default: the layers "
                         "of the features the detection used; layers that cannot see an image are skipped)")  # fmt: skip
-    p.add_argument(
-        "--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)"
-    )
-    p.add_argument(
-        "--device", default="auto", help="torch device (default auto: cuda if available, else cpu)"
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype (default auto: bfloat16 on a GPU, else float32)")  # fmt: skip
-    p.add_argument("--image-token-id", type=_int_at_least(0), default=None,
-                   help="id of the image placeholder token (default: the model config's image_token_id)")  # fmt: skip
+    _runtime_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder (as a whole: it must hold only what review writes)")  # fmt: skip
@@ -711,6 +702,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    """--batch-size, --device, --dtype, --image-token-id: how a command that runs the model runs it."""
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)"
+    )
+    p.add_argument(
+        "--device", default="auto", help="torch device (default auto: cuda if available, else cpu)"
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype: float32, bfloat16, float16 (default auto: bfloat16 on a GPU, else float32)")  # fmt: skip
+    p.add_argument("--image-token-id", type=_int_at_least(0), default=None,
+                   help="id of the image placeholder token in input_ids (default: the model config's "
+                        "image_token_id; another id is refused)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bye_fast import __version__
 
@@ -747,20 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None,
                    help="folder the records' image paths are relative to (images stored in the data need none)")  # fmt: skip
     p.add_argument("--out", required=True, help="where to write the scores (.npz)")
-    p.add_argument(
-        "--batch-size", type=_int_at_least(1), default=8, help="samples per forward pass (default 8)"
-    )
+    _runtime_options(p)
     p.add_argument(
         "--num-workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default 0)"
     )
-    p.add_argument(
-        "--device", default="auto", help="torch device (default auto: cuda if available, else cpu)"
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype: float32, bfloat16, float16 (default auto: bfloat16 on a GPU, else float32)")  # fmt: skip
-    p.add_argument("--image-token-id", type=_int_at_least(0), default=None,
-                   help="id of the image placeholder token in input_ids (default: the model config's "
-                        "image_token_id; another id is refused)")  # fmt: skip
     p.add_argument("--chat-template", default="processor", metavar="{processor,none,llava_v1,FILE}",
                    help="how prompts are rendered: processor (default: the processor's own chat template, plain "
                         "text if it has none), none (plain text with image tokens, no role markers), llava_v1 "
