@@ -14,10 +14,11 @@ halves after a CUDA out-of-memory error (:mod:`bye_fast.batching`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,23 +302,19 @@ def _answer_signals(
     return out
 
 
-def _iterate(loader, model, image_token_id, device, desc, progress):
-    image_token_id = resolve_image_token_id(model, image_token_id)
-    device, dtype = _check_device(model, device)
-    max_len = _context_length(model)
+def _loader_batches(loader: Iterable, bar: Any) -> Iterator[tuple[int, Any, dict[str, Any], list, bool]]:
+    """The one loop over a loader, for both paths: ``(index, raw batch, validated inputs, ids, ids
+    given)`` per batch; without ids, a batch's ids are the running sample positions. ``bar``
+    advances once the caller is done with the batch."""
     seen = 0
-    bar = _progress(loader, progress, desc)
-    try:
-        for index, raw in enumerate(loader):
-            inputs, ids, _ = _validated(raw, index)
-            _check_length(inputs, index, ids, max_len)
-            batch = _prepare(raw, index, image_token_id, device, dtype)
-            ids = batch.ids if batch.ids is not None else list(range(seen, seen + batch.size))
-            yield batch, ids
-            seen += batch.size
-            bar.update(batch.size)
-    finally:
-        bar.close()
+    for index, raw in enumerate(loader):
+        inputs, ids, B = _validated(raw, index)
+        given = ids is not None
+        if not given:
+            ids = list(range(seen, seen + B))
+        yield index, raw, inputs, ids, given
+        seen += B
+        bar.update(B)
 
 
 #: One batch's scored rows, by Scores field name.
@@ -622,7 +619,6 @@ def _score_local(
         ckpt = ScoreCheckpoint.open(folder, model=model, options=options, every=checkpoint_every)
     rows = _Rows()
     ids_given = True
-    seen = 0
     bar = _progress(loader, progress, desc)
     try:
         with (
@@ -644,11 +640,8 @@ def _score_local(
                 hidden=hidden,
                 topk=topk,
             )
-            for index, raw in enumerate(loader):
-                inputs, ids, B = _validated(raw, index)
-                if ids is None:
-                    ids_given = False
-                    ids = list(range(seen, seen + B))
+            for index, _, inputs, ids, given in _loader_batches(loader, bar):
+                ids_given &= given
                 if ckpt is not None and ckpt.begin_batch(index, ids, inputs):
                     stored = ckpt.take_stored()
                     if stored is not None:
@@ -658,8 +651,6 @@ def _score_local(
                     rows.add(arrays, ids)
                     if ckpt is not None:
                         ckpt.add(index, arrays, ids)
-                seen += B
-                bar.update(B)
             if ckpt is not None:
                 ckpt.finish()
     finally:
@@ -746,13 +737,17 @@ def _reference_local(
     answers = _has_lm_head(model)
     if hidden and not answers:
         raise ValueError(f"hidden_states=True needs a model with an LM head; {type(model).__name__} has none")
-    with preserved_model_state(model), torch.inference_mode():
+    image_token_id = resolve_image_token_id(model, image_token_id)
+    device, dtype = _check_device(model, device)
+    max_len = _context_length(model)
+    bar = _progress(loader, progress, "bye_fast.score_reference")
+    with preserved_model_state(model), torch.inference_mode(), contextlib.closing(bar):
         model.set_attn_implementation("eager")  # as the paper's code: eager everywhere
         model.eval()
-        for batch, ids in _iterate(
-            loader, model, image_token_id, device, "bye_fast.score_reference", progress
-        ):
-            ids_given &= batch.ids is not None
+        for index, raw, inputs, ids, given in _loader_batches(loader, bar):
+            _check_length(inputs, index, ids if given else None, max_len)
+            batch = _prepare(raw, index, image_token_id, device, dtype)
+            ids_given &= given
             out = model(
                 **batch.inputs,
                 output_attentions=True,
