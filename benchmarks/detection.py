@@ -46,7 +46,7 @@ RATES = (0.05, 0.1, 0.2)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
-           "ceiling_f1", "linear_f1", "seconds"]  # fmt: skip
+           "ceiling_f1", "linear_f1", "seconds", "reason"]  # fmt: skip
 
 
 def cells_of(which: str) -> list[tuple[str, CellSpec]]:
@@ -202,7 +202,7 @@ def _read_rows(path: Path) -> dict[tuple, list[dict]]:
         for r in csv.DictReader(f):
             row: dict = {}
             for k, v in r.items():
-                if k in ("set", "task", "trigger", "target", "detector"):
+                if k in ("set", "task", "trigger", "target", "detector", "reason"):
                     row[k] = v
                 elif k == "learned":
                     row[k] = v == "True"
@@ -210,7 +210,7 @@ def _read_rows(path: Path) -> dict[tuple, list[dict]]:
                     row[k] = int(v)
                 else:
                     row[k] = float(v) if v not in ("", "nan") else float("nan")
-            row["reason"] = ""
+            row.setdefault("reason", "")
             key = (row["set"], row["task"], row["trigger"], row["rate"], row["target"], row["seed"])
             out.setdefault(key, []).append(row)
     return out
@@ -320,6 +320,21 @@ def _section(rows: list[dict], title: str) -> list[str]:
             "| task | seed | removed | reason |", "|---|---|---|---|"]  # fmt: skip
     for r in sorted(dc, key=lambda r: (r["task"], r["seed"])):
         out.append(f"| {r['task']} | {r['seed']} | {r['removed']:.1%} | {r['reason'][:160]} |")
+    out += ["", "Every poisoned cell, learned or not (the default and the paper's procedure; ceiling: the best "
+            "single feature at its best threshold, chosen with the ground truth):", "",
+            "| task | target | trigger | rate | seed | ASR before | default F1 | default removed | paper F1 | "
+            "paper removed | ceiling F1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    by = {}
+    for r in rows:
+        if r["rate"] > 0 and r["detector"] in ("default", "paper"):
+            by.setdefault((r["task"], r["target"], r["trigger"], r["rate"], r["seed"]), {})[r["detector"]] = r
+    for key in sorted(by):
+        d, p = by[key].get("default"), by[key].get("paper")
+        if d is None or p is None:
+            continue
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {key[4]} | {d['asr_before']:.2f} | "
+                   f"{_fmt(d['f1'])} | {d['removed']:.3f} | {_fmt(p['f1'])} | {p['removed']:.3f} | "
+                   f"{_fmt(d['ceiling_f1'])} |")  # fmt: skip
     return out + [""]
 
 
