@@ -114,8 +114,8 @@ def run_cell(
     ceiling = feature_ceiling(truth, heads)["ceiling_f1"] if spec.rate > 0 else float("nan")
     linear = linear_ceiling(truth, heads) if spec.rate > 0 else float("nan")
     after = {"ca": float("nan"), "asr": float("nan")}
-    if retrain_default and (learned or spec.rate == 0):
-        flagged = results["default"][0]
+    flagged = results["default"][0]
+    if retrain_default and (learned or spec.rate == 0 or flagged.any()):  # whatever the default removes
         after = before if not flagged.any() else retrain(cell, ~flagged)
     rows = []
     for name, (flagged, score) in results.items():
