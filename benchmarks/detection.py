@@ -115,7 +115,9 @@ def run_cell(
     linear = linear_ceiling(truth, heads) if spec.rate > 0 else float("nan")
     after = {"ca": float("nan"), "asr": float("nan")}
     flagged = results["default"][0]
-    if retrain_default and (learned or spec.rate == 0 or flagged.any()):  # whatever the default removes
+    # re-fine-tune where the default removed something from a cell whose backdoor took (ASR >= 0.5);
+    # a clean or not-learned cell is judged by what was removed
+    if retrain_default and spec.rate > 0 and before["asr"] >= 0.5:
         after = before if not flagged.any() else retrain(cell, ~flagged)
     rows = []
     for name, (flagged, score) in results.items():
