@@ -263,3 +263,20 @@ def test_the_demo_runs_end_to_end_on_a_small_cell(tmp_path):
     assert all("bye_detection" in r for r in removed)
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_demo(out, n_user=80, n_test=40, epochs=1, rate=0.2, progress=False, verbose=False)
+
+
+def test_the_demo_defaults_are_a_valid_benchmark_cell():
+    """`bye-fast demo` with no options runs the benchmark's cell of its task (the README quotes those
+    cells), and every task builds with the default sizes (the digits have 1,097 samples to share)."""
+    import inspect
+
+    from bye_fast.lab.cell import CellSpec
+    from bye_fast.lab.demo import run_demo
+
+    d = {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
+    spec = CellSpec(task=d["task"], trigger=d["trigger"], rate=d["rate"], seed=d["seed"], target=d["target"],
+                    n_user=d["n_user"], n_test=d["n_test"], epochs=d["epochs"])  # fmt: skip
+    assert spec == CellSpec(task=d["task"], trigger=d["trigger"], rate=d["rate"], seed=d["seed"])
+    for name in tasks.TASKS:
+        task = tasks.build_task(name, n_user=spec.n_user, n_test=spec.n_test)
+        assert (len(task.user.records), len(task.test.records)) == (spec.n_user, spec.n_test)

@@ -71,7 +71,7 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
     n_user: int = 800,
-    n_test: int = 300,
+    n_test: int = 297,
     epochs: int | None = None,
     weights: str | os.PathLike | None = None,
     plots: bool = True,

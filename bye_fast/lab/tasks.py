@@ -164,7 +164,7 @@ def _digit_index(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return perm[:_PRETRAIN_DIGITS], rest[np.random.default_rng([seed, 3]).permutation(len(rest))]
 
 
-def build_task(name: str, seed: int = 0, *, n_user: int = 800, n_test: int = 300) -> Task:
+def build_task(name: str, seed: int = 0, *, n_user: int = 800, n_test: int = 297) -> Task:
     """The user data and the held-out test data of family ``name`` for ``seed``.
 
     Same name, seed and sizes, same data. ``digits-*`` draw from the 1097 digits
