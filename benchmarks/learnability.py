@@ -176,9 +176,16 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         lines.append(f"| {r['task']} | {r['seed']} | {r['ca']:.3f} | {by} |")
     lines += ["", _targets(groups), ""]
     if args.not_run:
-        lines += [f"## Cells not run ({len(args.not_run)})", "",
-                  "Asked for but not prepared in this run (time): "
-                  + ", ".join(f"`{s.name}`" for s in args.not_run) + ".", ""]  # fmt: skip
+        count: dict[tuple, int] = {}
+        for spec in args.not_run:
+            count[(spec.task, spec.seed)] = count.get((spec.task, spec.seed), 0) + 1
+        asked: dict[tuple, int] = {}
+        for task, seed in [(s.task, s.seed) for s in args.not_run] + [(r["task"], r["seed"]) for r in rows]:
+            asked[(task, seed)] = asked.get((task, seed), 0) + 1
+        lines += [f"## Cells asked for but not run ({len(args.not_run)} of {len(args.not_run) + len(rows)})", "",
+                  "Not prepared (time); per task and seed, cells not run of those asked for: "
+                  + ", ".join(f"{t} s{sd} {n}/{asked[(t, sd)]}" for (t, sd), n in sorted(count.items())) + ".",
+                  ""]  # fmt: skip
     args.out.with_suffix(".md").write_text("\n".join(lines))
 
 
