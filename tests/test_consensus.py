@@ -218,3 +218,13 @@ def test_a_large_far_cluster_is_found_whole():
     x[truth, 2] = 2.0 + rng.normal(0, 0.02, truth.sum())
     det = bye_fast.detect(Scores(entropy=x), refine_features=None)
     np.testing.assert_array_equal(det.flagged, truth)
+
+
+def test_large_answer_groups_of_noise_give_no_evidence():
+    """Two answer groups of 25,000 samples of pure noise: nothing is significant. (With tails tested up
+    to half a group and windows reaching across the mode, noise reached p ~ 1e-6 here.)"""
+    rng = np.random.default_rng(3)
+    x = rng.normal(4.0, 0.3, size=(50_000, 8)).astype(np.float32)
+    det = bye_fast.detect(Scores(entropy=x, answer_token=rng.integers(0, 2, 50_000)))
+    assert det.n_flagged == 0 and det.reason.startswith("nothing to find")
+    assert np.nanmax(det.details["evidence"]) < det.details["evidence_threshold"]
