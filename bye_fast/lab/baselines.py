@@ -36,28 +36,33 @@ def random_drop(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarra
     return flagged, score
 
 
-def _groups(groups) -> list[np.ndarray]:
+def _per_group(x, groups, min_group: int, fit) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``fit(x[idx]) -> (flagged, score)`` on every response group of at least ``min_group``."""
+    x = np.asarray(x, dtype=np.float64)
     groups = np.asarray(groups)
-    return [np.nonzero(groups == g)[0] for g in np.unique(groups)]
+    flagged = np.zeros(len(x), bool)
+    score = np.zeros(len(x))
+    for g in np.unique(groups):
+        idx = np.nonzero(groups == g)[0]
+        if len(idx) >= min_group:
+            flagged[idx], score[idx] = fit(x[idx])
+    return flagged, score
 
 
 def spectral_signatures(
     x: np.ndarray, groups, *, eps: float = 0.1, min_group: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
     """Spectral signatures per response group on representations ``x`` (n, d)."""
-    x = np.asarray(x, dtype=np.float64)
-    flagged = np.zeros(len(x), bool)
-    score = np.zeros(len(x))
-    for idx in _groups(groups):
-        if len(idx) < min_group:
-            continue
-        xc = x[idx] - x[idx].mean(axis=0)
+
+    def fit(xg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xc = xg - xg.mean(axis=0)
         _, _, vt = np.linalg.svd(xc, full_matrices=False)
         s = (xc @ vt[0]) ** 2
-        score[idx] = s / (np.median(s) + 1e-12)
-        k = int(round(1.5 * eps * len(idx)))
-        flagged[idx[np.argsort(-s)[:k]]] = True
-    return flagged, score
+        top = np.zeros(len(xg), bool)
+        top[np.argsort(-s)[: int(round(1.5 * eps * len(xg)))]] = True
+        return top, s / (np.median(s) + 1e-12)
+
+    return _per_group(x, groups, min_group, fit)
 
 
 def activation_clustering(
@@ -69,23 +74,20 @@ def activation_clustering(
     from sklearn.cluster import KMeans
     from sklearn.decomposition import FastICA
 
-    x = np.asarray(x, dtype=np.float64)
-    flagged = np.zeros(len(x), bool)
-    score = np.zeros(len(x))
-    for idx in _groups(groups):
-        if len(idx) < min_group:
-            continue
-        k = min(dims, x.shape[1], len(idx) - 1)
+    def fit(xg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = min(dims, xg.shape[1], len(xg) - 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            z = FastICA(k, random_state=seed, max_iter=400).fit_transform(x[idx] - x[idx].mean(axis=0))
+            z = FastICA(k, random_state=seed, max_iter=400).fit_transform(xg - xg.mean(axis=0))
         labels = KMeans(2, n_init=10, random_state=seed).fit_predict(z)
-        sizes = np.bincount(labels, minlength=2) / len(idx)
+        sizes = np.bincount(labels, minlength=2) / len(xg)
         small = int(np.argmin(sizes))
-        score[idx] = np.where(labels == small, 1.0 - sizes[small], sizes[small])
-        if sizes[small] < size_threshold:
-            flagged[idx[labels == small]] = True
-    return flagged, score
+        in_small = labels == small
+        return in_small & (sizes[small] < size_threshold), np.where(
+            in_small, 1.0 - sizes[small], sizes[small]
+        )
+
+    return _per_group(x, groups, min_group, fit)
 
 
 def tcap_style(
