@@ -1,9 +1,11 @@
-"""Describe the machine a benchmark ran on (for the results files)."""
+"""Helpers for the benchmarks' results files: the machine they ran on, the CSV they write."""
 
 from __future__ import annotations
 
+import csv
 import os
 import platform
+from pathlib import Path
 
 
 def describe() -> str:
@@ -44,3 +46,13 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """``rows`` as CSV with ``columns`` (other keys ignored), floats rounded to 4 decimals."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

@@ -36,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe  # noqa: E402
+from _machine import describe, write_csv  # noqa: E402
 
 from bye_fast.lab.cell import CellSpec  # noqa: E402
 
@@ -232,12 +232,7 @@ def _med_worst(values: list[float], worst=min) -> str:
 
 
 def write_results(rows: list[dict], args, wall: float) -> None:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    write_csv(args.out.with_suffix(".csv"), rows, COLUMNS)
     lines = [
         "# Detection on the lab's cells: the default, the paper's procedure and the baselines",
         "",

@@ -17,7 +17,6 @@ Writes ``benchmarks/results/learnability.csv`` (one row per cell) and
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe  # noqa: E402
+from _machine import describe, write_csv  # noqa: E402
 
 from bye_fast.lab.attacks import PRESETS  # noqa: E402
 from bye_fast.lab.cell import CellSpec, prepare_cell  # noqa: E402
@@ -128,12 +127,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     for r in rows:
         r["ca_clean"] = clean.get((r["task"], r["seed"]), float("nan"))
         r["ca_drop"] = r["ca_clean"] - r["ca"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    write_csv(args.out.with_suffix(".csv"), rows, COLUMNS)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["rate"] > 0:
