@@ -55,64 +55,33 @@ sys.path.insert(0, str(HERE.parent))
 IMAGE_TOKEN = 32000
 BOS = 1
 
+from bench_score import PRESETS, llava_config  # noqa: E402
+
+IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px
+
 SCALES = {
-    # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Llama-2-7B
-    "7b": dict(
-        vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
-        image_size=336, patch_size=14,
-        hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
-    ),
+    # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Llama-2-7B (bench_score's preset)
+    "7b": PRESETS["llava-1.5-7b"],
     # the same token counts (576 image tokens), small widths and few layers: for the tests
     "tiny": dict(
-        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
-        image_size=336, patch_size=14,
         hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128,
+        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, patch_size=14,
+        sizes={IMAGE_TOKENS: 336}, vision_feature_layer=-2,
     ),
 }  # fmt: skip
 
 
 def config(scale: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """Llama-2's own norm epsilon and context on top of bench_score's LLaVA config."""
+    return llava_config(SCALES[scale], IMAGE_TOKENS, rms_norm_eps=1e-5, max_position_embeddings=4096)[0]
 
-    s = SCALES[scale]
-    vision = CLIPVisionConfig(
-        hidden_size=s["vision_hidden"],
-        intermediate_size=s["vision_intermediate"],
-        num_hidden_layers=s["vision_layers"],
-        num_attention_heads=s["vision_heads"],
-        image_size=s["image_size"],
-        patch_size=s["patch_size"],
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=s["hidden"],
-        intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=BOS,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_TOKEN,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        tie_word_embeddings=False,
-    )
+
+def image_size(scale: str) -> int:
+    return SCALES[scale]["sizes"][IMAGE_TOKENS]
 
 
 def image_tokens(scale: str) -> int:
-    s = SCALES[scale]
-    return (s["image_size"] // s["patch_size"]) ** 2
+    return (image_size(scale) // SCALES[scale]["patch_size"]) ** 2
 
 
 def build(scale: str, seed: int = 0):
@@ -150,7 +119,6 @@ def batches(scale: str, samples: int, batch_size: int, text_tokens: int, seed: i
     """``samples`` rows ``[bos, n_image x <image>, text_tokens random ids]`` in batches of ``batch_size``."""
     import torch
 
-    s = SCALES[scale]
     gen = torch.Generator().manual_seed(seed)
     n_img = image_tokens(scale)
     out = []
@@ -158,7 +126,7 @@ def batches(scale: str, samples: int, batch_size: int, text_tokens: int, seed: i
         b = min(batch_size, samples - start)
         text = torch.randint(2, IMAGE_TOKEN, (b, text_tokens), generator=gen)
         ids = torch.cat([torch.full((b, 1), BOS), torch.full((b, n_img), IMAGE_TOKEN), text], dim=1).long()
-        pixels = torch.randn(b, 3, s["image_size"], s["image_size"], generator=gen).to(torch.bfloat16)
+        pixels = torch.randn(b, 3, image_size(scale), image_size(scale), generator=gen).to(torch.bfloat16)
         out.append(
             {
                 "input_ids": ids,
@@ -375,7 +343,7 @@ def write_results(rows: list[dict], cmp: dict | None, args) -> tuple[Path, Path]
         f"Command: `{command_line(args)}`",
         "",
         f"Model: LlavaForConditionalGeneration, vision {s['vision_layers']} layers x {s['vision_hidden']}"
-        f" ({s['image_size']}px / patch {s['patch_size']} -> {image_tokens(args.scale)} image tokens,"
+        f" ({image_size(args.scale)}px / patch {s['patch_size']} -> {image_tokens(args.scale)} image tokens,"
         f" feature layer -2), text {s['layers']} layers x {s['hidden']} ({s['heads']} heads,"
         f" intermediate {s['intermediate']}, vocab 32064). Input: {args.samples} samples in batches of"
         f" {args.batch_size}, each [bos, {image_tokens(args.scale)} x <image>, {args.text_tokens} text tokens].",

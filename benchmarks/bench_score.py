@@ -64,9 +64,9 @@ PRESETS = {
 }  # fmt: skip
 
 
-def build(preset: dict, image_tokens: int, dtype, device):
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def llava_config(preset: dict, image_tokens: int, **text_overrides):
+    """The LLaVA config of ``preset`` at ``image_tokens`` image tokens, and its image size."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     image_size = preset["sizes"][image_tokens]
     vision = CLIPVisionConfig(
@@ -84,8 +84,7 @@ def build(preset: dict, image_tokens: int, dtype, device):
         num_hidden_layers=preset["layers"],
         num_attention_heads=preset["heads"],
         num_key_value_heads=preset["kv_heads"],
-        max_position_embeddings=8192,
-        pad_token_id=0,
+        **{"max_position_embeddings": 8192, "pad_token_id": 0, **text_overrides},
     )
     cfg = LlavaConfig(
         vision_config=vision,
@@ -94,6 +93,14 @@ def build(preset: dict, image_tokens: int, dtype, device):
         vision_feature_select_strategy="default",
         vision_feature_layer=preset.get("vision_feature_layer", -1),
     )
+    return cfg, image_size
+
+
+def build(preset: dict, image_tokens: int, dtype, device):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    cfg, image_size = llava_config(preset, image_tokens)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
