@@ -134,12 +134,6 @@ class FeatureColumns:
         return self.block(j, j + 1)[:, 0]
 
 
-def feature_matrix(scores: Scores, families: tuple[str, ...] = FEATURES) -> tuple[np.ndarray, list[str]]:
-    """The ``(n, F)`` float64 matrix of the feature families present in ``scores``, and feature names."""
-    cols = FeatureColumns(scores, families)
-    return cols.block(0, cols.n_features).astype(np.float64), cols.names
-
-
 def _log10_binom_cdf(k: np.ndarray, n: np.ndarray, q: float = 0.5) -> np.ndarray:
     """log10 P(Binomial(n, q) <= k), elementwise, finite far into the lower tail.
 
@@ -212,12 +206,6 @@ def _high_tails(srt: np.ndarray, ks: np.ndarray, trim: float, gap: float = 1.0) 
     return out
 
 
-def _scan_sorted(asc: np.ndarray, ks: np.ndarray, trim: float, gap: float = 1.0) -> tuple[float, int, float]:
-    """The best high-end cluster of the ascending-sorted ``asc`` over the sizes ``ks``."""
-    lp, k, cut = _high_tails(asc[None, :], ks, trim, gap)[0]
-    return float(lp), int(k), float(cut)
-
-
 def valley_scan(
     y: np.ndarray,
     kmin: int,
@@ -239,7 +227,8 @@ def valley_scan(
     ks = np.arange(kmin, int(kmax) + 1) if sizes is None else np.asarray(sizes, np.int64)
     if kmin < 1:
         ks = ks[ks >= 1]
-    return _scan_sorted(np.sort(y), ks, trim, gap)
+    lp, k, cut = _high_tails(np.sort(y)[None, :], ks, trim, gap)[0]
+    return float(lp), int(k), float(cut)
 
 
 def valley_scan_reference(
