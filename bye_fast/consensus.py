@@ -410,25 +410,21 @@ class ConsensusDetector:
                 f"min_cluster and min_group must be >= 2; got {self.min_cluster}, {self.min_group}"
             )
 
-    def _contexts(self, scores: Scores, valid: np.ndarray) -> list[tuple[str, np.ndarray, float]]:
-        nv = int(valid.sum())
-        contexts = [("all samples", np.arange(nv), self.max_fraction)]
-        if self.groups and scores.answer_token is not None:
-            tok = np.asarray(scores.answer_token)[valid]
-            for t in np.unique(tok):
-                idx = np.nonzero(tok == t)[0]
-                if self.min_group <= len(idx) < nv:
-                    contexts.append((f"answer token {int(t)}", idx, self.max_fraction))
-        return contexts
-
-    def _group_index(self, scores: Scores, valid: np.ndarray) -> list[np.ndarray] | None:
-        """Index arrays (into the valid samples) of the answer groups with at least ``min_group`` members."""
+    def _answer_groups(self, scores: Scores, valid: np.ndarray) -> dict[int, np.ndarray]:
+        """Index arrays (into the valid samples) of the model's answer groups with at least ``min_group``
+        members, by first answer token (empty without ``Scores.answer_token``)."""
         if scores.answer_token is None:
-            return None
+            return {}
         tok = np.asarray(scores.answer_token)[valid]
-        groups = [np.nonzero(tok == t)[0] for t in np.unique(tok)]
-        groups = [g for g in groups if len(g) >= self.min_group]
-        return groups if len(groups) >= 2 else None
+        groups = {int(t): np.nonzero(tok == t)[0] for t in np.unique(tok)}
+        return {t: g for t, g in groups.items() if len(g) >= self.min_group}
+
+    def _contexts(self, groups: dict[int, np.ndarray], nv: int) -> list[tuple[str, np.ndarray]]:
+        """All samples, and (with ``groups=True``) each answer group smaller than all of them."""
+        contexts = [("all samples", np.arange(nv))]
+        if self.groups:
+            contexts += [(f"answer token {t}", idx) for t, idx in groups.items() if len(idx) < nv]
+        return contexts
 
     def _scan(
         self, cols: FeatureColumns, rows, plans: list[tuple[str, np.ndarray, np.ndarray]]
@@ -490,7 +486,9 @@ class ConsensusDetector:
                 list(pool.map(run, jobs))
         return out
 
-    def _collapsed_groups(self, scores: Scores, valid: np.ndarray) -> list[tuple[int, np.ndarray, dict]]:
+    def _collapsed_groups(
+        self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
+    ) -> list[tuple[int, np.ndarray, dict]]:
         """Answer groups that are collapsed as a whole: ``(token, index into the valid samples, cluster)``.
 
         A target answer the model learned to give to triggered images makes its own answer group
@@ -501,21 +499,17 @@ class ConsensusDetector:
         range of the rest away from the rest's median. Features in which the other groups are
         themselves collapsed (IQR ~ 0: values piled at a bound) are not used.
         """
-        if not self.group_features or scores.answer_token is None:
+        if not self.group_features or len(index) < 2:
             return []
-        tok = np.asarray(scores.answer_token)[valid]
-        labels, counts = np.unique(tok, return_counts=True)
-        big = labels[counts >= self.min_group]
-        if len(big) < 2:
-            return []
-        candidates = [t for t in big if (tok == t).sum() <= self.max_fraction * len(tok)]
+        nv = int(valid.sum())
+        big = list(index)
+        candidates = [t for t in big if len(index[t]) <= self.max_fraction * nv]
         if not candidates:
             return []
         cols = FeatureColumns(scores, tuple(self.group_features))
         vidx = np.nonzero(valid)[0]
-        index = {t: np.nonzero(tok == t)[0] for t in big}
-        order = np.argsort(tok, kind="stable")  # each group one contiguous slice of the columns
-        starts = {t: int(np.searchsorted(tok[order], t)) for t in big}
+        order = np.concatenate([index[t] for t in big])  # each group one contiguous slice of the columns
+        starts = dict(zip(big, np.cumsum([0] + [len(index[t]) for t in big[:-1]]).tolist(), strict=True))
         found: dict = {}
         for j0, blk in cols.blocks(self.block_width):
             x = blk[vidx]
@@ -530,7 +524,7 @@ class ConsensusDetector:
                 cand = np.nonzero((others > 1e-3) & (spread <= self.max_group_spread))[0]
                 if not len(cand):  # the rest's quartiles only where the group is collapsed
                     continue
-                rest = np.ones(len(tok), bool)
+                rest = np.ones(nv, bool)
                 rest[index[t]] = False
                 qr = pct(x[rest][:, cand], [25, 50, 75], axis=0)
                 iqr_rest = qr[2] - qr[0]
@@ -544,7 +538,7 @@ class ConsensusDetector:
             feats.sort()
             idx = index[t]
             out.append((int(t), idx, {
-                "context": f"answer token {int(t)} (whole group)", "size": len(idx), "context_size": len(tok),
+                "context": f"answer token {int(t)} (whole group)", "size": len(idx), "context_size": nv,
                 "evidence": float("nan"), "lead": feats[0][1], "side": "collapsed",
                 "spread": feats[0][0], "block": [f for _, f in feats], "n_significant": len(feats),
             }))  # fmt: skip
@@ -625,9 +619,11 @@ class ConsensusDetector:
         vidx = np.nonzero(rows.valid)[0]
         vnames = [names[j] for j in keep]
         F, nv = len(keep), len(vidx)
-        contexts = self._contexts(scores, rows.valid)
+        answer_groups = self._answer_groups(scores, rows.valid)
+        contexts = self._contexts(answer_groups, nv)
         plans = [
-            (label, idx, size_grid(self.min_cluster, int(frac * len(idx)))) for label, idx, frac in contexts
+            (label, idx, size_grid(self.min_cluster, int(self.max_fraction * len(idx))))
+            for label, idx in contexts
         ]
         n_tests = sum(F * 2 * len(ks) for _, _, ks in plans)
         self.n_tests_ = int(n_tests)
@@ -651,7 +647,7 @@ class ConsensusDetector:
         score_v = np.zeros(nv)
         in_cluster = np.zeros(nv, dtype=bool)
         ranking: list[tuple[float, float, np.ndarray, int]] = []  # (evidence, side, idx, j)
-        groups_v = self._group_index(scores, rows.valid)
+        groups_v = list(answer_groups.values()) if len(answer_groups) >= 2 else None
         for (label, idx, _), scan in zip(plans, scans, strict=True):
             in_groups = groups_v is not None and len(idx) == nv  # the all-samples context
             ev = -(scan[:, 0] + log_m)
@@ -679,7 +675,7 @@ class ConsensusDetector:
                 "evidence": float(ev[sig[0]]), "lead": vnames[sig[0]], "side": "high" if scan[sig[0], 1] > 0 else "low",
                 "block": [vnames[j] for j in block], "n_significant": len(sig),
             })  # fmt: skip
-        for _, idx, cluster in self._collapsed_groups(scores, rows.valid):
+        for _, idx, cluster in self._collapsed_groups(scores, rows.valid, answer_groups):
             in_cluster[idx] = True
             score_v[idx] = np.maximum(score_v[idx], 1.0)
             self.clusters_.append(cluster)
