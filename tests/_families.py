@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from ._models import FAMILIES as _FIRST
-from ._models import QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, _images, qwen_batch, sharpen
+from ._models import QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, _images, pad_rows, qwen_batch, sharpen
 
 VOCAB = 64
 #: The text decoder of every family here: 3 layers, 4 query heads over 2 kv heads.
@@ -46,18 +46,6 @@ IMG, BEGIN, END, BREAK, GLOBAL, VIDEO = 60, 61, 62, 63, 59, 58
 
 def _text(gen: torch.Generator, n: int) -> list[int]:
     return torch.randint(3, 50, (n,), generator=gen).tolist()
-
-
-def pad_rows(rows: list[list[int]], padding_side: str) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` of token rows padded (id 0) on ``padding_side``."""
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _built(cls, cfg, seed: int):
@@ -172,7 +160,9 @@ def gemma3_model(sliding_window: int = 512, seed: int = 0, layer_types: list[str
 
 def gemma3_batch(rows: list[list[int]], padding_side: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     batch = pad_rows(rows, padding_side)
-    batch["token_type_ids"] = (batch["input_ids"] == IMG).long()  # images attend to themselves bidirectionally
+    batch["token_type_ids"] = (
+        batch["input_ids"] == IMG
+    ).long()  # images attend to themselves bidirectionally
     n_images = int((batch["input_ids"] == BEGIN).sum())
     batch["pixel_values"] = torch.randn(n_images, 3, 32, 32, generator=gen)
     return batch

@@ -153,10 +153,8 @@ def qwen2_vl(padding_side: str = "left", seed: int = 0):
     return model, batches
 
 
-def qwen_batch(
-    rows: list[list[int]], grids: list[list[int]], padding_side: str, gen: torch.Generator
-) -> dict:
-    """Token rows padded on ``padding_side``, with random pixel patches for the image ``grids`` (t, h, w)."""
+def pad_rows(rows: list[list[int]], padding_side: str) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token rows padded (id 0) on ``padding_side``."""
     L = max(map(len, rows))
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -164,6 +162,15 @@ def qwen_batch(
         sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
         ids[i, sl] = torch.tensor(r)
         mask[i, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def qwen_batch(
+    rows: list[list[int]], grids: list[list[int]], padding_side: str, gen: torch.Generator
+) -> dict:
+    """Token rows padded on ``padding_side``, with random pixel patches for the image ``grids`` (t, h, w)."""
+    padded = pad_rows(rows, padding_side)
+    ids, mask = padded["input_ids"], padded["attention_mask"]
     grid = torch.tensor(grids)
     return {
         "input_ids": ids,
