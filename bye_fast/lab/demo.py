@@ -233,7 +233,7 @@ def _plot_attention(cell, det, path: Path, *, k: int = 4) -> None:
 
     from bye_fast.data import make_loader
     from bye_fast.lab.tasks import load_images, record_question
-    from bye_fast.review import attention_maps
+    from bye_fast.review import attention_maps, layer_mean
 
     truth = cell.truth
     order = np.argsort(-np.nan_to_num(det.score, nan=-np.inf))
@@ -251,7 +251,7 @@ def _plot_attention(cell, det, path: Path, *, k: int = 4) -> None:
     g = int(round(np.sqrt(maps[0].shape[1])))
     fig, axes = plt.subplots(2, k, figsize=(2.3 * k, 5.2))
     for ax, img, m, i, rec in zip(axes.ravel(), images, maps, picks, sub, strict=False):
-        heat = np.nanmean(m, axis=0).reshape(g, g)
+        heat = layer_mean(m, range(len(m)))[0].reshape(g, g)  # review's mean: NaN layers left out
         ax.imshow(img)
         ax.imshow(np.kron(heat, np.ones((img.shape[0] // g, img.shape[1] // g))), cmap="inferno", alpha=0.55)
         who = "POISONED" if truth[i] else "clean"
