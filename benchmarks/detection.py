@@ -43,6 +43,8 @@ from bye_fast.lab.cell import CellSpec  # noqa: E402
 DEFAULT_WORK = Path("/tmp/bye_fast_cells")
 TRIGGERS = ("patch", "random_patch", "two_patches", "blended", "sig", "wanet")
 RATES = (0.05, 0.1, 0.2)
+#: Held-out seeds of round 2 (``results/detection_protocol.md``): fresh models, never seen by a detector design.
+ROUND2_SEEDS = (5, 6, 7)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -63,6 +65,20 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                     out.append((name, CellSpec(task=task, trigger=trigger, rate=0.1, seed=seed, target="existing")))
         return out
 
+    def few(task, seeds, name, triggers, existing=False):
+        out = []
+        for seed in seeds:
+            out.append((name, CellSpec(task=task, rate=0.0, seed=seed)))
+            out += [(name, CellSpec(task=task, trigger=t, rate=0.1, seed=seed)) for t in triggers]
+            if existing:
+                out.append((name, CellSpec(task=task, trigger="patch", rate=0.1, seed=seed, target="existing")))
+        return out
+
+    if which.endswith("2"):  # round 2 (detection_protocol.md): 10% poison, the triggers the lab learns
+        design = few("digits-parity", (0, 1), "design2", ("patch", "two_patches"), existing=True)
+        heldout = (few("digits-ten", ROUND2_SEEDS, "heldout2", ("patch", "two_patches"), existing=True)
+                   + few("scenes", ROUND2_SEEDS, "heldout2", ("patch", "sig")))  # fmt: skip
+        return {"design2": design, "heldout2": heldout, "all2": design + heldout}[which]
     design = family("digits-parity", (0, 1), "design", existing=TRIGGERS)
     heldout = family("digits-ten", (2, 3, 4), "heldout") + family("scenes", (2, 3, 4), "heldout")
     parity_new = family("digits-parity", (2, 3, 4), "design-family-new-seeds")
@@ -138,7 +154,8 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=["design", "heldout", "all"], default="all")
+    ap.add_argument("--set", choices=["design", "heldout", "all", "design2", "heldout2", "all2"], default="all",
+                    help="the protocol's first round, or round 2 (design2, heldout2, all2)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-retrain", action="store_true", help="skip the re-fine-tuning (ASR/CA after)")
@@ -241,7 +258,9 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout", "Held-out cells (digits-ten, scenes; seeds 2-4)"),
+    for set_name, title in (("heldout2", "Round 2, held-out cells (digits-ten, scenes; seeds 5-7)"),
+                            ("design2", "Round 2, design cells (digits-parity, seeds 0-1)"),
+                            ("heldout", "Held-out cells (digits-ten, scenes; seeds 2-4)"),
                             ("design-family-new-seeds", "Design family, new seeds (digits-parity, seeds 2-4)"),
                             ("design", "Design cells (digits-parity, seeds 0-1)")):  # fmt: skip
         sub = [r for r in rows if r["set"] == set_name]
