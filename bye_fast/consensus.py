@@ -338,10 +338,8 @@ class ConsensusDetector:
     group_features : the Scores fields in which whole answer groups are tested for collapse
         (default :data:`GROUP_FEATURES`; None: no group test).
     max_group_spread : a group is collapsed when its interquartile range in a feature is at most
-        this share of the other groups' median (default 0.15).
-    min_group_features : a group counts only when it is collapsed in at least this many features
-        (default 3): the trigger takes over several heads at once, while with many answer groups
-        and a thousand features one clean group collapsed in one head is what chance gives.
+        this share of the other groups' median (default 0.07: the poisoned groups of the design
+        cells reach 0.005-0.05, a clean scene answer group 0.10-0.11; ``detection_analysis.md``).
     n_jobs : threads for the feature scan (scikit-learn's convention; default -1, every core).
         The result does not depend on it.
 
@@ -376,12 +374,10 @@ class ConsensusDetector:
         refine_c: float = 0.1,
         min_separation: float = 2.0,
         group_features: tuple[str, ...] | None = GROUP_FEATURES,
-        max_group_spread: float = 0.15,
-        min_group_features: int = 3,
+        max_group_spread: float = 0.07,
         n_jobs: int | None = -1,
     ) -> None:
         self.n_jobs = n_jobs
-        self.min_group_features = min_group_features
         self.min_separation = min_separation
         self.group_features = group_features
         self.max_group_spread = max_group_spread
@@ -403,16 +399,13 @@ class ConsensusDetector:
                 "refine_features": None if self.refine_features is None else list(self.refine_features),
                 "refine_c": self.refine_c, "min_separation": self.min_separation,
                 "group_features": None if self.group_features is None else list(self.group_features),
-                "max_group_spread": self.max_group_spread, "min_group_features": self.min_group_features,
-                "n_jobs": self.n_jobs}  # fmt: skip
+                "max_group_spread": self.max_group_spread, "n_jobs": self.n_jobs}  # fmt: skip
 
     def _check(self) -> None:
         if not (np.isfinite(self.max_fraction) and 0 < self.max_fraction <= 1):
             raise ValueError(f"max_fraction must be in (0, 1]; got {self.max_fraction}")
         if not (np.isfinite(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(f"alpha must be in (0, 1); got {self.alpha}")
-        if int(self.min_group_features) < 1:
-            raise ValueError(f"min_group_features must be >= 1; got {self.min_group_features}")
         if int(self.min_cluster) < 2 or int(self.min_group) < 2:
             raise ValueError(
                 f"min_cluster and min_group must be >= 2; got {self.min_cluster}, {self.min_group}"
@@ -504,7 +497,7 @@ class ConsensusDetector:
         ``min_group`` and at most ``max_fraction`` of the samples) is collapsed when, in some feature
         of ``group_features``, its interquartile range is at most ``max_group_spread`` of the median
         interquartile range of the other groups, and its median lies at least one interquartile
-        range of the rest away from the rest's median, in at least ``min_group_features`` features. Features in which the other groups are
+        range of the rest away from the rest's median. Features in which the other groups are
         themselves collapsed (IQR ~ 0: values piled at a bound) are not used.
         """
         if not self.group_features or len(index) < 2:
@@ -543,8 +536,6 @@ class ConsensusDetector:
                     found.setdefault(t, []).append((float(spread[j]), cols.names[j0 + j]))
         out = []
         for t, feats in found.items():
-            if len(feats) < self.min_group_features:
-                continue
             feats.sort()
             idx = index[t]
             out.append((int(t), idx, {

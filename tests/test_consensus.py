@@ -176,17 +176,15 @@ def test_detection_json_round_trip_and_options(tmp_path):
         bye_fast.detect(scores, threshold=2.0)
 
 
-def _answer_groups(seed, n_groups, poison_share=0.0, n=1000, n_collapsed=3):
+def _answer_groups(seed, n_groups, poison_share=0.0, n=1000, poison_sd=0.01):
     """Clean answer groups at different places with similar spreads; optionally a poison group
-    (its own answer token) collapsed in ``n_collapsed`` heads while its layer entropy is unremarkable."""
+    (its own answer token) whose heads are collapsed while its layer entropy is unremarkable."""
     rng = np.random.default_rng(seed)
     answer = rng.integers(0, n_groups, n)
     truth = rng.random(n) < poison_share
     answer[truth] = n_groups  # the target answer: a group of its own
     he = rng.normal(0.0, 0.3, size=(n, 6, 4)) + rng.normal(0, 1.0, size=(n_groups + 1, 6, 4))[answer]
-    he[truth, 2, 1] = 4.0 + rng.normal(0, 0.01, truth.sum())
-    for layer, head in [(4, 0), (5, 3)][: n_collapsed - 1]:  # wider than the lead, still collapsed
-        he[truth, layer, head] = 4.0 + rng.normal(0, 0.02, truth.sum())
+    he[truth, 2, 1] = 4.0 + rng.normal(0, poison_sd, truth.sum())
     return Scores(entropy=he.mean(-1), head_entropy=he, answer_token=answer), truth
 
 
@@ -201,15 +199,14 @@ def test_a_collapsed_answer_group_is_found_whole(seed):
     assert bye_fast.detect(scores, group_features=None, refine_features=None).n_flagged == 0
 
 
-def test_a_group_collapsed_in_one_feature_only_is_left_alone():
-    """One clean group collapsed in one head out of many is what chance and answer-specific prompts
-    give (held-out scene sets, first round); it counts only with ``min_group_features=1``."""
-    scores, truth = _answer_groups(0, n_groups=4, poison_share=0.08, n_collapsed=1)
-    assert bye_fast.detect(scores, refine_features=None).n_flagged == 0
-    det = bye_fast.detect(scores, refine_features=None, min_group_features=1)
+def test_a_group_only_somewhat_tighter_than_the_others_is_left_alone():
+    """A group whose spread in one head is ~0.1 of the other groups' (a clean answer-specific question
+    type on the scene task did that) is not collapsed at the default ``max_group_spread``; at 0.15 it is."""
+    scores, truth = _answer_groups(0, n_groups=4, poison_share=0.08, poison_sd=0.03)
+    det = bye_fast.detect(scores, refine_features=None)
+    assert det.n_flagged == 0, det.reason
+    det = bye_fast.detect(scores, refine_features=None, max_group_spread=0.15)
     np.testing.assert_array_equal(det.flagged, truth)
-    with pytest.raises(ValueError, match="min_group_features"):
-        bye_fast.detect(scores, min_group_features=0)
 
 
 @pytest.mark.parametrize("n_groups", [2, 10])

@@ -41,6 +41,7 @@ from bye_fast.lab.models import EOS
 from bye_fast.lab.tasks import Split, load_images, record_answer, record_question
 
 __all__ = [
+    "answer_rate",
     "LORA",
     "Encoded",
     "encode",
@@ -496,6 +497,32 @@ def _starts_with(model: torch.nn.Module, enc: Encoded, batch_size: int) -> np.nd
     return hits
 
 
+def answer_rate(
+    model: torch.nn.Module,
+    images: np.ndarray | Sequence[np.ndarray],
+    questions: Sequence[str],
+    target: str,
+    *,
+    processor: LlavaProcessor,
+    batch_size: int = 128,
+) -> float:
+    """Share of the samples whose greedy answer starts with ``target`` (teacher forcing).
+
+    On triggered held-out images this is the attack success; on the poisoned training samples it
+    says whether the model fitted them at all (a backdoor fitted there but not carried over to new
+    images was memorised sample by sample, not keyed on the trigger).
+    """
+    if not len(questions):
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    try:
+        enc = encode(processor, images, questions, [target] * len(questions), eos=False)
+        return float(_starts_with(model, enc, batch_size).mean())
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: torch.nn.Module,
     split: Split,
@@ -535,8 +562,7 @@ def evaluate(
             if keep:
                 images = [trigger(split.images[i]) for i in keep]
                 questions = [record_question(split.records[i]) for i in keep]
-                enc_t = encode(processor, images, questions, [target] * len(keep), eos=False)
-                asr = float(_starts_with(model, enc_t, batch_size).mean())
+                asr = answer_rate(model, images, questions, target, processor=processor, batch_size=batch_size)
     finally:
         model.train(was_training)
     return {"ca": float(hits.mean()) if len(hits) else float("nan"), "ca_by_type": by_type, "asr": asr}
