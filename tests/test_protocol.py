@@ -1,0 +1,52 @@
+"""The detection protocol's cell sets (benchmarks/detection.py, results/detection_protocol.md).
+
+A detector may be chosen on the design cells only; these tests keep the held-out sets of both
+rounds apart from the design sets and from each other, so that an edit of the sets cannot quietly
+put a design cell into a held-out table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _detection():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("detection_bench", ROOT / "benchmarks" / "detection.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return mod
+
+
+def _seeds(cells, task=None):
+    return {spec.seed for _, spec in cells if task is None or spec.task == task}
+
+
+def test_round_two_holds_out_new_seeds_of_other_families():
+    det = _detection()
+    design, heldout = det.cells_of("design2"), det.cells_of("heldout2")
+    assert {spec.task for _, spec in design} == {"digits-parity"}
+    assert {spec.task for _, spec in heldout} == {"digits-ten", "scenes"}
+    round_one = det.cells_of("all")
+    for task in ("digits-ten", "scenes"):  # seeds never used by round 1 in any role
+        assert not _seeds(heldout, task) & _seeds(round_one, task)
+    assert set(det.ROUND2_SEEDS) == _seeds(heldout)
+    names = [spec.name for _, spec in det.cells_of("all2")]
+    assert len(names) == len(set(names)) == len(design) + len(heldout)
+    # every task and seed has its clean cell (the CA reference and the false-alarm check)
+    for cells in (design, heldout):
+        assert {(s.task, s.seed) for _, s in cells} == {(s.task, s.seed) for _, s in cells if s.rate == 0}
+
+
+def test_round_one_sets_are_unchanged():
+    det = _detection()
+    assert _seeds(det.cells_of("design")) == {0, 1}
+    held = [spec for name, spec in det.cells_of("heldout") if name == "heldout"]
+    assert {s.task for s in held} == {"digits-ten", "scenes"} and {s.seed for s in held} == {2, 3, 4}
