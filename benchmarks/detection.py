@@ -271,7 +271,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         lines += ["", f"## Protocol cells not run ({len(args.not_run)})", "",
                   "These cells of the protocol were not prepared in this run (time); they are missing from "
                   f"the tables above: {names}."]  # fmt: skip
-    lines += ["", "Per cell: `detection.csv`."]
+    lines += ["", f"Per cell: `{args.out.with_suffix('.csv').name}`."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
