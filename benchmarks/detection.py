@@ -54,30 +54,23 @@ COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "lear
 def cells_of(which: str) -> list[tuple[str, CellSpec]]:
     """(set name, spec) of the protocol's sets."""
 
-    def family(task, seeds, name, existing=("patch",)):
+    def family(task, seeds, name, triggers=TRIGGERS, rates=RATES, existing=("patch",)):
+        """Per seed: the clean cell, every trigger x rate (fixed phrase), the ``existing`` triggers at
+        10% with an existing answer as target."""
         out = []
         for seed in seeds:
             out.append((name, CellSpec(task=task, rate=0.0, seed=seed)))
-            for trigger in TRIGGERS:
-                for rate in RATES:
+            for trigger in triggers:
+                for rate in rates:
                     out.append((name, CellSpec(task=task, trigger=trigger, rate=rate, seed=seed)))
                 if trigger in existing:
                     out.append((name, CellSpec(task=task, trigger=trigger, rate=0.1, seed=seed, target="existing")))
         return out
 
-    def few(task, seeds, name, triggers, existing=False):
-        out = []
-        for seed in seeds:
-            out.append((name, CellSpec(task=task, rate=0.0, seed=seed)))
-            out += [(name, CellSpec(task=task, trigger=t, rate=0.1, seed=seed)) for t in triggers]
-            if existing:
-                out.append((name, CellSpec(task=task, trigger="patch", rate=0.1, seed=seed, target="existing")))
-        return out
-
     if which.endswith("2"):  # round 2 (detection_protocol.md): 10% poison, the triggers the lab learns
-        design = few("digits-parity", (0, 1), "design2", ("patch", "two_patches"), existing=True)
-        heldout = (few("digits-ten", ROUND2_SEEDS, "heldout2", ("patch", "two_patches"), existing=True)
-                   + few("scenes", ROUND2_SEEDS, "heldout2", ("patch", "sig")))  # fmt: skip
+        design = family("digits-parity", (0, 1), "design2", ("patch", "two_patches"), (0.1,))
+        heldout = (family("digits-ten", ROUND2_SEEDS, "heldout2", ("patch", "two_patches"), (0.1,))
+                   + family("scenes", ROUND2_SEEDS, "heldout2", ("patch", "sig"), (0.1,), existing=()))  # fmt: skip
         return {"design2": design, "heldout2": heldout, "all2": design + heldout}[which]
     design = family("digits-parity", (0, 1), "design", existing=TRIGGERS)
     heldout = family("digits-ten", (2, 3, 4), "heldout") + family("scenes", (2, 3, 4), "heldout")

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe  # noqa: E402
+from _machine import describe, markdown_table, write_csv  # noqa: E402
 
 COLUMNS = ["task", "trigger", "rate", "target", "seed", "changes", "ca", "asr", "train_fit", "seconds"]
 LORA_KEYS = ("r", "lora_alpha")
@@ -104,21 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     print(row, flush=True)
     csv_path = args.out.with_suffix(".csv")
     rows = list(csv.DictReader(open(csv_path))) if csv_path.exists() else []
-    rows.append({k: row[k] for k in COLUMNS})
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(csv_path)
+    rows.append(row)
+    write_csv(csv_path, rows, COLUMNS)
     lines = ["# Learnability probes: one cell, settings changed, fit vs. carry-over", "",
              f"Last run on: {describe()}. Command per row: `python benchmarks/probe_learnability.py --task T "
              "--trigger G --seed S --set KEY=VALUE ...`. Train fit: share of the poisoned training samples "
              "answered with the target; ASR: the same on triggered held-out images.", "",
-             "| task | trigger | rate | target | seed | changes | CA | ASR | train fit | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append("| " + " | ".join(str(r[k]) for k in COLUMNS) + " |")
+             markdown_table(rows, COLUMNS)]  # fmt: skip
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -160,9 +160,8 @@ def gemma3_model(sliding_window: int = 512, seed: int = 0, layer_types: list[str
 
 def gemma3_batch(rows: list[list[int]], padding_side: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     batch = pad_rows(rows, padding_side)
-    batch["token_type_ids"] = (
-        batch["input_ids"] == IMG
-    ).long()  # images attend to themselves bidirectionally
+    # images attend to themselves bidirectionally
+    batch["token_type_ids"] = (batch["input_ids"] == IMG).long()
     n_images = int((batch["input_ids"] == BEGIN).sum())
     batch["pixel_values"] = torch.randn(n_images, 3, 32, 32, generator=gen)
     return batch
