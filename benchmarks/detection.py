@@ -45,6 +45,8 @@ TRIGGERS = ("patch", "random_patch", "two_patches", "blended", "sig", "wanet")
 RATES = (0.05, 0.1, 0.2)
 #: Held-out seeds of round 2 (``results/detection_protocol.md``): fresh models, never seen by a detector design.
 ROUND2_SEEDS = (5, 6, 7)
+#: Held-out seeds of round 3 (``results/detection_protocol.md``); round 2's cells became design material.
+ROUND3_SEEDS = (8, 9, 10)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -67,6 +69,12 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                     out.append((name, CellSpec(task=task, trigger=trigger, rate=0.1, seed=seed, target="existing")))
         return out
 
+    if which.endswith("3"):  # round 3: every cell of round 2 is design material, new seeds held out
+        design = cells_of("all2")
+        design = [("design3", spec) for _, spec in design]
+        heldout = (family("digits-ten", ROUND3_SEEDS, "heldout3", ("patch", "two_patches"), (0.1,))
+                   + family("scenes", ROUND3_SEEDS, "heldout3", (), (0.1,), existing=()))  # fmt: skip
+        return {"design3": design, "heldout3": heldout, "all3": design + heldout}[which]
     if which.endswith("2"):  # round 2 (detection_protocol.md): 10% poison, the triggers the lab learns
         design = family("digits-parity", (0, 1), "design2", ("patch", "two_patches"), (0.1,))
         heldout = (family("digits-ten", ROUND2_SEEDS, "heldout2", ("patch", "two_patches"), (0.1,))
@@ -147,8 +155,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=["design", "heldout", "all", "design2", "heldout2", "all2"], default="all",
-                    help="the protocol's first round, or round 2 (design2, heldout2, all2)")
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3") for kind in ("design", "heldout", "all")]
+    ap.add_argument("--set", choices=sets, default="all",
+                    help="the protocol's first round, round 2 (design2, heldout2, all2) or round 3 (design3, heldout3, all3)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-retrain", action="store_true", help="skip the re-fine-tuning (ASR/CA after)")

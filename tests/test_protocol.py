@@ -50,3 +50,18 @@ def test_round_one_sets_are_unchanged():
     assert _seeds(det.cells_of("design")) == {0, 1}
     held = [spec for name, spec in det.cells_of("heldout") if name == "heldout"]
     assert {s.task for s in held} == {"digits-ten", "scenes"} and {s.seed for s in held} == {2, 3, 4}
+
+
+def test_round_three_holds_out_seeds_no_earlier_round_used():
+    det = _detection()
+    design, heldout = det.cells_of("design3"), det.cells_of("heldout3")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all2")}
+    assert {spec.task for _, spec in heldout} == {"digits-ten", "scenes"}
+    earlier = det.cells_of("all") + det.cells_of("all2")
+    for task in ("digits-ten", "scenes"):
+        assert not _seeds(heldout, task) & _seeds(earlier, task)
+    assert set(det.ROUND3_SEEDS) == _seeds(heldout)
+    names = [spec.name for _, spec in det.cells_of("all3")]
+    assert len(names) == len(set(names)) == len(design) + len(heldout)
+    assert {(s.task, s.seed) for _, s in heldout} == {(s.task, s.seed) for _, s in heldout if s.rate == 0}
+    assert sum(s.rate > 0 for _, s in heldout) == 3 * 3  # patch, two patches, patch -> existing answer
