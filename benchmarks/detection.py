@@ -260,7 +260,9 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout2", "Round 2, held-out cells (digits-ten, scenes; seeds 5-7)"),
+    for set_name, title in (("heldout3", "Round 3, held-out cells (digits-ten seeds 8-10; clean scenes seeds 8-10)"),
+                            ("design3", "Round 3, design cells (every cell of round 2)"),
+                            ("heldout2", "Round 2, held-out cells (digits-ten, scenes; seeds 5-7)"),
                             ("design2", "Round 2, design cells (digits-parity, seeds 0-1)"),
                             ("heldout", "Held-out cells (digits-ten, scenes; seeds 2-4)"),
                             ("design-family-new-seeds", "Design family, new seeds (digits-parity, seeds 2-4)"),

@@ -294,8 +294,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         try:
             if args.reference:  # both paths gather every rank's rows under torch.distributed
                 scores = bye_fast.score_reference(
-                    model, loader, image_token_id=args.image_token_id, progress=progress
-                )
+                    model, loader, image_token_id=args.image_token_id, progress=progress,
+                    image_embeddings=args.image_embeddings,
+                )  # fmt: skip
             else:
                 scores = bye_fast.score(
                     model,
@@ -305,6 +306,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     max_tokens_per_batch=args.max_tokens_per_batch,
                     checkpoint_dir=args.checkpoint_dir,
                     checkpoint_every=args.checkpoint_every,
+                    image_embeddings=args.image_embeddings,
                 )
         except ValueError as err:
             if loader.skipped and "nothing to score" in str(err):
@@ -775,6 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "and `bye-fast filter` keeps them)")  # fmt: skip
     p.add_argument(
         "--reference", action="store_true", help="use the paper's slow eager path (for validation)"
+    )
+    p.add_argument(
+        "--image-embeddings",
+        action="store_true",
+        help="also keep each image's mean vision features (Scores.image_embedding; LLaVA-1.5-style models): "
+        "the default detector's content test of the answer groups needs them",
     )
     p.add_argument(
         "--max-tokens-per-batch",

@@ -1,4 +1,5 @@
-"""The default detector: tight tail clusters and collapsed answer groups, found with calibrated tests.
+"""The default detector: tight tail clusters, collapsed answer groups and answer groups whose images
+disagree with their answer, found with calibrated tests.
 
 Why. A model fine-tuned on poisoned data treats the poisoned samples alike, whatever
 their content: in the features that react to the trigger they form a *tight* group
@@ -36,15 +37,24 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    (per-layer and per-head entropy, top-k share) is at most ``max_group_spread``
    of the other groups' median, one interquartile range or more away from the
    rest, is a cluster as a whole.
-5. **Refinement**: the clusters' members are then decided by a logistic
+5. **Answer groups whose images disagree with the answer** (needs
+   ``Scores.image_embedding``, five or more answer groups): clean answers follow
+   what the image shows, so one answer's images look alike, while a backdoor
+   target is given to triggered images of every kind. A group whose image
+   embeddings are at least ``min_content_ratio`` times as diverse as the median
+   group's is inconsistent; its members most of whose ``n_neighbors`` nearest
+   images give other answers are flagged (they decide their own membership; the
+   refinement below reads attention features only).
+6. **Refinement**: the clusters' members are then decided by a logistic
    regression of cluster vs rest on :data:`REFINE_FEATURES` (per-head features
    included) less the features that found the cluster; kept when it stays within
    the budget and overlaps the cluster (Jaccard >= 1/2).
-6. **Budget**: the clusters together must not exceed ``max_fraction`` of the
+7. **Budget**: the clusters together must not exceed ``max_fraction`` of the
    samples; a larger group is reported as too large to be poison and nothing is
    removed.
-7. **Suspicion score** (for review, every sample): the refinement's probability
-   where a cluster was found; else the block votes; without any significant
+8. **Suspicion score** (for review, every sample): the refinement's probability
+   where a cluster was found (an inconsistent group's members: the share of their
+   neighbours outside the group, if higher); else the block votes; without any significant
    feature, a tie-break by the three strongest features.
 
 Every decision is in ``Detection.reason`` and ``details`` (per-feature evidence
@@ -340,6 +350,15 @@ class ConsensusDetector:
     max_group_spread : a group is collapsed when its interquartile range in a feature is at most
         this share of the other groups' median (default 0.07: the poisoned groups of the design
         cells reach 0.005-0.05, a clean scene answer group 0.10-0.11; ``detection_analysis.md``).
+    content_groups : also test whether an answer group's images agree with its answer (needs
+        ``Scores.image_embedding`` and at least five answer groups; default True). See
+        :meth:`_inconsistent_groups`.
+    min_content_ratio : an answer group is inconsistent when its image embeddings are at least this
+        many times as diverse as the median group's (default 1.45, the geometric middle of the design
+        cells' poisoned groups, 1.62-1.98, and clean groups, up to 1.28; ``detection_analysis.md``,
+        round 3).
+    n_neighbors : neighbours (image embedding, Euclidean) that decide who in an inconsistent group
+        is poisoned: a member most of whose neighbours give other answers (default 10).
     n_jobs : threads for the feature scan (scikit-learn's convention; default -1, every core).
         The result does not depend on it.
 
@@ -375,8 +394,14 @@ class ConsensusDetector:
         min_separation: float = 2.0,
         group_features: tuple[str, ...] | None = GROUP_FEATURES,
         max_group_spread: float = 0.07,
+        content_groups: bool = True,
+        min_content_ratio: float = 1.45,
+        n_neighbors: int = 10,
         n_jobs: int | None = -1,
     ) -> None:
+        self.content_groups = content_groups
+        self.min_content_ratio = min_content_ratio
+        self.n_neighbors = n_neighbors
         self.n_jobs = n_jobs
         self.min_separation = min_separation
         self.group_features = group_features
@@ -399,13 +424,19 @@ class ConsensusDetector:
                 "refine_features": None if self.refine_features is None else list(self.refine_features),
                 "refine_c": self.refine_c, "min_separation": self.min_separation,
                 "group_features": None if self.group_features is None else list(self.group_features),
-                "max_group_spread": self.max_group_spread, "n_jobs": self.n_jobs}  # fmt: skip
+                "max_group_spread": self.max_group_spread, "content_groups": self.content_groups,
+                "min_content_ratio": self.min_content_ratio, "n_neighbors": self.n_neighbors,
+                "n_jobs": self.n_jobs}  # fmt: skip
 
     def _check(self) -> None:
         if not (np.isfinite(self.max_fraction) and 0 < self.max_fraction <= 1):
             raise ValueError(f"max_fraction must be in (0, 1]; got {self.max_fraction}")
         if not (np.isfinite(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(f"alpha must be in (0, 1); got {self.alpha}")
+        if not (np.isfinite(self.min_content_ratio) and self.min_content_ratio > 1):
+            raise ValueError(f"min_content_ratio must be > 1; got {self.min_content_ratio}")
+        if int(self.n_neighbors) < 1:
+            raise ValueError(f"n_neighbors must be >= 1; got {self.n_neighbors}")
         if int(self.min_cluster) < 2 or int(self.min_group) < 2:
             raise ValueError(
                 f"min_cluster and min_group must be >= 2; got {self.min_cluster}, {self.min_group}"
@@ -545,6 +576,74 @@ class ConsensusDetector:
             }))  # fmt: skip
         return out
 
+    #: Fewest answer groups the content test compares (the median group must mean something).
+    min_content_groups: ClassVar[int] = 5
+    #: Samples the neighbours are searched among, at most (a seeded random subset beyond that).
+    knn_reference: ClassVar[int] = 20_000
+
+    def _inconsistent_groups(
+        self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
+    ) -> list[tuple[int, np.ndarray, np.ndarray, dict]]:
+        """Answer groups whose images do not agree with their answer: ``(token, index into the valid
+        samples, suspicion of each member, cluster)``.
+
+        Clean answers follow what the image shows, so the images of one answer group look alike
+        (a digit class, a colour); a backdoor target is given to triggered images of EVERY kind, so
+        its group is as diverse as the whole data set (a new target phrase) or a mixture of its own
+        class and everything else (an existing answer). A group (at most ``max_fraction`` of the
+        samples, at least :attr:`min_content_groups` groups) is inconsistent when the mean squared
+        distance of its ``Scores.image_embedding`` rows to their mean is at least
+        ``min_content_ratio`` times the median group's. Its members are then judged one by one: the
+        share of a member's ``n_neighbors`` nearest samples (image embedding, among at most
+        :attr:`knn_reference` samples) that are NOT in the group is its suspicion, and a member is
+        flagged when that share exceeds 1/2 -- a poisoned "3" looks like the clean threes, which
+        answer otherwise; a clean member looks like its own class.
+        """
+        emb = scores.image_embedding
+        if not self.content_groups or emb is None or len(index) < self.min_content_groups:
+            return []
+        vidx = np.nonzero(valid)[0]
+        x = np.asarray(emb[vidx], dtype=np.float64)
+        if not np.isfinite(x).all():
+            return []
+        nv = len(vidx)
+
+        def diversity(rows: np.ndarray) -> float:
+            xr = x[rows]
+            return float(((xr - xr.mean(axis=0)) ** 2).sum(axis=1).mean())
+
+        div = {t: diversity(g) for t, g in index.items()}
+        typical = float(np.median(list(div.values())))
+        if typical <= 0:
+            return []
+        rng = np.random.default_rng(0)
+        ref = np.arange(nv) if nv <= self.knn_reference else np.sort(rng.choice(nv, self.knn_reference, replace=False))
+        xref = x[ref]
+        ref_sq = (xref**2).sum(axis=1)
+        k = min(int(self.n_neighbors), len(ref) - 1)
+        out = []
+        for t, g in index.items():
+            ratio = div[t] / typical
+            if ratio < self.min_content_ratio or len(g) > self.max_fraction * nv or k < 1:
+                continue
+            in_group = np.zeros(nv, bool)
+            in_group[g] = True
+            outside = np.empty(len(g))
+            for s0 in range(0, len(g), 1024):  # (chunk x reference) distances at a time
+                rows = g[s0 : s0 + 1024]
+                d = ref_sq[None, :] - 2.0 * x[rows] @ xref.T
+                d[ref[None, :] == rows[:, None]] = np.inf  # not its own neighbour
+                near = np.argpartition(d, k - 1, axis=1)[:, :k]
+                outside[s0 : s0 + len(rows)] = 1.0 - in_group[ref[near]].mean(axis=1)
+            flagged = outside > 0.5
+            out.append((int(t), g, outside, {
+                "context": f"answer token {int(t)} (whole group)", "size": int(flagged.sum()),
+                "context_size": len(g), "evidence": float("nan"), "lead": "image_embedding",
+                "side": "inconsistent", "spread": float(ratio), "block": ["image_embedding"],
+                "n_significant": 1,
+            }))  # fmt: skip
+        return out
+
     #: Rows the refining classifier is fitted on, at most, per class (members / others).
     refine_rows: ClassVar[int] = 20_000
 
@@ -680,6 +779,14 @@ class ConsensusDetector:
             in_cluster[idx] = True
             score_v[idx] = np.maximum(score_v[idx], 1.0)
             self.clusters_.append(cluster)
+        content = self._inconsistent_groups(scores, rows.valid, answer_groups)
+        content_members = np.zeros(nv, dtype=bool)
+        content_score = np.zeros(nv)
+        for _, idx, outside, _cluster in content:
+            content_members[idx[outside > 0.5]] = True
+            content_score[idx] = np.maximum(content_score[idx], outside)
+        attention_found = bool(self.clusters_)
+        self.clusters_.extend(c for *_, c in content)
         if not self.clusters_ and ranking:  # nothing significant: rank by the three strongest features
             ranking.sort(key=lambda r: -r[0])
             top = ranking[:3]
@@ -688,14 +795,18 @@ class ConsensusDetector:
                     score_v[idx] += np.tanh(side * _robust_z(column(j, idx)) / 10) / len(top) * 1e-3
         self.evidence_ = np.full(len(names), np.nan)
         self.evidence_[keep] = evidence
-        n_found = int(in_cluster.sum())
+        n_found = int((in_cluster | content_members).sum())
         too_large = n_found > self.max_fraction * nv
         refined = ""
-        if self.clusters_ and not too_large and self.refine_features:
+        if attention_found and not too_large and self.refine_features:
             used = {b for c in self.clusters_ for b in c["block"]}
             in_cluster, prob, refined = self._refine(scores, rows.valid, in_cluster, used)
             score_v = prob
-            n_found = int(in_cluster.sum())
+        if content:  # the content test decides its own members (the refinement reads attention only)
+            in_cluster |= content_members
+            score_v = np.maximum(score_v, content_score)
+        n_found = int(in_cluster.sum())
+        too_large = n_found > self.max_fraction * nv
         flagged = np.zeros(n, dtype=bool)
         if self.clusters_ and not too_large:
             flagged[vidx[in_cluster]] = True
@@ -745,6 +856,9 @@ class ConsensusDetector:
             f"{c['context']}: {c['size']} samples collapsed in {c['lead']} (interquartile range "
             f"{c['spread']:.2f} of the other groups', {len(c['block'])} such feature(s))"
             if c["side"] == "collapsed"
+            else f"{c['context']}: {c['size']} of {c['context_size']} whose images look like other answers' "
+            f"(the group's image embeddings {c['spread']:.2f}x as diverse as the median group's)"
+            if c["side"] == "inconsistent"
             else f"{c['context']}: {c['size']} of {c['context_size']} at the {c['side']} end of {c['lead']} "
             f"(evidence {c['evidence']:.1f}, {len(c['block'])} agreeing feature(s))"
             for c in self.clusters_

@@ -252,7 +252,7 @@ class _Rows(RowBuffer):
 _DTYPES = {f.name: f.dtype for f in FIELDS}
 #: Fields measured on the image tokens: NaN for a row without any.
 _IMAGE_FIELDS = ("entropy", "head_entropy", "image_mass", "head_image_share", "head_before_share",
-                 "image_topk_share")  # fmt: skip
+                 "image_topk_share", "image_embedding")  # fmt: skip
 
 
 def _rows_of_stats(stats: dict[str, torch.Tensor], image_mask: torch.Tensor) -> dict[str, np.ndarray]:
@@ -268,7 +268,9 @@ def _rows_of_stats(stats: dict[str, torch.Tensor], image_mask: torch.Tensor) -> 
     return out
 
 
-def _empty_shapes(model: torch.nn.Module, *, answers: bool, hidden: bool) -> dict[str, tuple[int, ...]]:
+def _empty_shapes(
+    model: torch.nn.Module, *, answers: bool, hidden: bool, image_emb: bool = False
+) -> dict[str, tuple[int, ...]]:  # a rank without rows: the shapes its empty arrays need
     tcfg = text_config(model)
     L, H = int(tcfg.num_hidden_layers), int(tcfg.num_attention_heads)
     shapes = {"entropy": (L,), "head_entropy": (L, H), "image_mass": (L,), "head_image_share": (L, H),
@@ -277,7 +279,63 @@ def _empty_shapes(model: torch.nn.Module, *, answers: bool, hidden: bool) -> dic
         shapes.update(answer_token=(), answer_confidence=(), answer_margin=())
     if hidden:
         shapes["hidden"] = (int(tcfg.hidden_size),)
+    if image_emb:
+        shapes["image_embedding"] = (int(model.config.vision_config.hidden_size),)
     return shapes
+
+
+def _row_means(feats: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """One (T, V) block of vision features per image -> (B, V) float32 rows: each image's mean in the row
+    that holds its tokens, NaN in a row without image tokens (images are in row order, one per row)."""
+    has = (image_mask.sum(dim=1) > 0).cpu()
+    if feats.ndim != 3 or feats.shape[0] != int(has.sum()):
+        raise NotImplementedError(
+            "image_embeddings=True needs a model whose projector reads one (tokens, features) block per "
+            f"sample (LLaVA-1.5 style); got a projector input of shape {tuple(feats.shape)} for "
+            f"{int(has.sum())} rows with an image"
+        )
+    out = torch.full((len(has), feats.shape[-1]), float("nan"))
+    out[has] = feats.double().mean(dim=1).float().cpu()
+    return out
+
+
+def _projector(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that maps the vision tower's features into the text decoder (``multi_modal_projector``)."""
+    inner = _decoder_inputs_model(model)
+    proj = getattr(inner, "multi_modal_projector", None) or getattr(model, "multi_modal_projector", None)
+    if not isinstance(proj, torch.nn.Module):
+        raise NotImplementedError(
+            f"image_embeddings=True: {type(model).__name__} has no multi_modal_projector (LLaVA-1.5 style models only)"
+        )
+    return proj
+
+
+@contextlib.contextmanager
+def _projector_inputs(model: torch.nn.Module, store: list) -> Iterator[None]:
+    """Append what the projector reads (the vision features) to ``store`` while active."""
+
+    def pre_hook(module, args, kwargs):
+        store.append(args[0] if args else next(iter(kwargs.values())))
+
+    handle = _projector(model).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def vision_features_reference(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The slow twin of the projector's input: ``hidden_states[vision_feature_layer]`` of the whole
+    vision tower (every layer run), without the CLS token under the "default" strategy (LLaVA-1.5)."""
+    inner = _decoder_inputs_model(model)
+    cfg = model.config
+    layer = getattr(cfg, "vision_feature_layer", None)
+    if not isinstance(layer, int) or getattr(inner, "vision_tower", None) is None:
+        raise NotImplementedError(
+            f"image_embeddings=True: {type(model).__name__} is not a LLaVA-1.5-style model (one int vision_feature_layer)"
+        )
+    hs = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    return hs[:, 1:] if getattr(cfg, "vision_feature_select_strategy", "default") == "default" else hs
 
 
 def _answer_signals(
@@ -356,8 +414,10 @@ class _FusedScorer:
         answers: bool,
         hidden: bool,
         topk: int,
+        image_emb: bool = False,
     ) -> None:
         self.model = model
+        self.image_emb = image_emb
         self.inner = _decoder_inputs_model(model)
         self.n_layers = int(text_config(model).num_hidden_layers)
         self.answers = answers
@@ -437,9 +497,15 @@ class _FusedScorer:
             topk=self.topk,
             model_name=type(self.model).__name__,
         )
-        with collecting(collector):
+        seen: list[torch.Tensor] = []
+        with (
+            collecting(collector),
+            _projector_inputs(self.model, seen) if self.image_emb else contextlib.nullcontext(),
+        ):
             out = self.inner(**batch.inputs, use_cache=False)
         stats = collector.finish()
+        if self.image_emb:
+            stats["image_embedding"] = _row_means(seen[0], batch.image_mask)
         if self.answers:
             stats.update(_answer_signals(self.model, out.last_hidden_state, batch.qpos, self.hidden))
         return _rows_of_stats(stats, batch.image_mask)
@@ -459,6 +525,7 @@ def score(
     gather: bool = True,
     hidden_states: bool = False,
     topk: int = 4,
+    image_embeddings: bool = False,
 ) -> Scores:
     """Score every sample: what the last prompt token attends to, and what it would answer.
 
@@ -538,11 +605,17 @@ def score(
         n x hidden_size floats), e.g. for spectral-signature baselines.
     topk : int
         k of ``Scores.image_topk_share`` (default 4: about the tokens one small patch covers).
+    image_embeddings : bool
+        Also keep each sample's image features as the projector reads them, averaged over the
+        image's tokens (``Scores.image_embedding``, n x vision_hidden_size floats): what the image
+        shows, before the fine-tuned projector, which the default detector compares across the
+        model's answer groups (:mod:`bye_fast.consensus`). LLaVA-1.5-style models (one image per
+        sample, a ``multi_modal_projector``); others raise ``NotImplementedError``.
 
     Returns
     -------
     Scores
-        Every field of :data:`bye_fast.scores.FIELDS` (``hidden`` only when asked;
+        Every field of :data:`bye_fast.scores.FIELDS` (``hidden``, ``image_embedding`` only when asked;
         ``answer_*`` only for models with an LM head), ``ids``.
     """
     if int(topk) < 1:
@@ -563,6 +636,7 @@ def score(
         dist=dist,
         hidden=bool(hidden_states),
         topk=int(topk),
+        image_emb=bool(image_embeddings),
     )
     return _collect(lambda: _score_local(_unwrapped(model), loader, **kwargs), dist, gather)
 
@@ -595,6 +669,7 @@ def _score_local(
     dist: tuple[int, int] | None,
     hidden: bool,
     topk: int,
+    image_emb: bool = False,
 ) -> tuple[Scores, bool]:
     """This process's rows, and whether every batch carried ids."""
     image_token_id = resolve_image_token_id(model, image_token_id)
@@ -615,6 +690,7 @@ def _score_local(
             "dtype": str(dtype).removeprefix("torch."),
             "topk": topk,
             "hidden_states": hidden,
+            **({"image_embeddings": True} if image_emb else {}),  # older checkpoints stay valid
         }
         ckpt = ScoreCheckpoint.open(folder, model=model, options=options, every=checkpoint_every)
     rows = _Rows()
@@ -639,6 +715,7 @@ def _score_local(
                 answers=answers,
                 hidden=hidden,
                 topk=topk,
+                image_emb=image_emb,
             )
             for index, _, inputs, ids, given in _loader_batches(loader, bar):
                 ids_given &= given
@@ -655,7 +732,7 @@ def _score_local(
                 ckpt.finish()
     finally:
         bar.close()
-    empty = _empty_shapes(model, answers=answers, hidden=hidden) if dist is not None else None
+    empty = _empty_shapes(model, answers=answers, hidden=hidden, image_emb=image_emb) if dist is not None else None
     return rows.scores(meta, empty=empty), ids_given
 
 
@@ -701,6 +778,7 @@ def score_reference(
     gather: bool = True,
     hidden_states: bool = False,
     topk: int = 4,
+    image_embeddings: bool = False,
 ) -> Scores:
     """The paper's path: eager attention with ``output_attentions=True``, the model's full forward.
 
@@ -715,7 +793,8 @@ def score_reference(
     dist = rank_and_world_size()
     return _collect(
         lambda: _reference_local(
-            _unwrapped(model), loader, image_token_id, device, progress, dist, bool(hidden_states), int(topk)
+            _unwrapped(model), loader, image_token_id, device, progress, dist, bool(hidden_states), int(topk),
+            bool(image_embeddings),
         ),
         dist,
         gather,
@@ -731,6 +810,7 @@ def _reference_local(
     dist: tuple[int, int] | None,
     hidden: bool,
     topk: int,
+    image_emb: bool = False,
 ) -> tuple[Scores, bool]:
     rows = _Rows()
     ids_given = True
@@ -761,6 +841,9 @@ def _reference_local(
                     f"{type(model).__name__} returned no attentions with output_attentions=True"
                 )
             stats = _stats_from_maps(attentions, batch.qpos, batch.image_mask & batch.key_valid, topk)
+            if image_emb:
+                pv = batch.inputs["pixel_values"]
+                stats["image_embedding"] = _row_means(vision_features_reference(model, pv), batch.image_mask)
             if answers:
                 r = torch.arange(batch.size, device=batch.qpos.device)
                 logits = out.logits[r, batch.qpos].double()
@@ -772,5 +855,5 @@ def _reference_local(
                     stats["hidden"] = out.hidden_states[-1][r, batch.qpos].float().cpu()
             rows.add(_rows_of_stats(stats, batch.image_mask), ids)
     meta = {"method": "bye_fast.score_reference", "model": type(model).__name__, "topk": topk}
-    empty = _empty_shapes(model, answers=answers, hidden=hidden) if dist is not None else None
+    empty = _empty_shapes(model, answers=answers, hidden=hidden, image_emb=image_emb) if dist is not None else None
     return rows.scores(meta, empty=empty), ids_given

@@ -27,7 +27,7 @@ class Field:
     """One per-sample array of :class:`Scores`.
 
     ``dims`` names the axes after the sample axis: "L" decoder layers, "H" query
-    heads, "D" the text decoder's hidden size.
+    heads, "D" the text decoder's hidden size, "V" the vision features' size.
     """
 
     name: str
@@ -57,6 +57,9 @@ FIELDS: tuple[Field, ...] = (
           "its logit minus the runner-up's (a confidence that does not saturate at probability 1)"),
     Field("hidden", ("D",), np.float32,
           "the last prompt token's final hidden state (after the final norm); only with score(hidden_states=True)"),
+    Field("image_embedding", ("V",), np.float32,
+          "the vision features the projector reads (the vision tower's, before the fine-tuned projector), "
+          "averaged over the image's tokens; only with score(image_embeddings=True)"),
     Field("n_image_tokens", (), np.int64, "number of image tokens of the sample"),
 )  # fmt: skip
 _NAMES = tuple(f.name for f in FIELDS)
@@ -98,6 +101,7 @@ class Scores:
     answer_token : (n_samples,) int64 or None
     answer_confidence, answer_margin : (n_samples,) float32 or None
     hidden : (n_samples, hidden_size) float32 or None
+    image_embedding : (n_samples, vision_size) float32 or None
     n_image_tokens : (n_samples,) int64 or None
     ids : (n_samples,) str or int64
         Sample ids, in the order the samples were scored. Default ``0..n-1``.
@@ -117,6 +121,7 @@ class Scores:
     answer_confidence: np.ndarray | None = None
     answer_margin: np.ndarray | None = None
     hidden: np.ndarray | None = None
+    image_embedding: np.ndarray | None = None
     n_image_tokens: np.ndarray | None = None
     ids: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
@@ -138,7 +143,7 @@ class Scores:
             )
             if not ok:
                 axes = ", ".join(
-                    ["n_samples", *({"L": "n_layers", "H": "n_heads", "D": "hidden_size"}[d] for d in f.dims)]
+                    ["n_samples", *({"L": "n_layers", "H": "n_heads", "D": "hidden_size", "V": "vision_size"}[d] for d in f.dims)]
                 )
                 shown = tuple("?" if w is None else w for w in want)
                 raise ValueError(f"{f.name} must be ({axes}) = {shown}; got {value.shape}")

@@ -51,6 +51,17 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_score_keeps_image_embeddings_when_asked(workspace):
+    w = workspace
+    argv = ["score", "--model", str(w / "model"), "--data", str(w / "train.json"), "--images", str(w / "images"),
+            "--batch-size", "16", "--no-progress", "--image-embeddings"]  # fmt: skip
+    assert main([*argv, "--out", str(w / "fused.npz")]) == 0
+    assert main([*argv, "--out", str(w / "ref.npz"), "--reference"]) == 0
+    fused, ref = bye_fast.Scores.load(w / "fused.npz"), bye_fast.Scores.load(w / "ref.npz")
+    assert fused.image_embedding.shape[0] == 50 and np.isfinite(fused.image_embedding).all()
+    np.testing.assert_allclose(fused.image_embedding, ref.image_embedding, atol=1e-5, rtol=1e-5)
+
+
 def test_round_trip(workspace, capsys):
     w = workspace
     src_hash = _sha(w / "train.json")
@@ -62,6 +73,7 @@ def test_round_trip(workspace, capsys):
     scores = bye_fast.Scores.load(w / "scores.npz")
     assert scores.n_samples == 50 and scores.ids.tolist() == [f"r{i:03d}" for i in range(50)]
     assert np.isfinite(scores.entropy).all()
+    assert scores.image_embedding is None  # only with --image-embeddings
 
     # threshold 0 makes every layer "sensitive", so the final mixture flags something to remove
     rc = main(

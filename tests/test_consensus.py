@@ -238,3 +238,61 @@ def test_large_answer_groups_of_noise_give_no_evidence():
     det = bye_fast.detect(Scores(entropy=x, answer_token=rng.integers(0, 2, 50_000)))
     assert det.n_flagged == 0 and det.reason.startswith("nothing to find")
     assert np.nanmax(det.details["evidence"]) < det.details["evidence_threshold"]
+
+
+def _content_groups(seed, n_classes=10, per_class=80, n_poison=80, target="phrase", dim=16, spread=0.5):
+    """Answer groups that follow the image (class c answers c), plus poisoned samples of every class
+    answering the target: a new answer (phrase) or class 0's (existing). Attention features: noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 3
+    cls = np.repeat(np.arange(n_classes), per_class)
+    pois_cls = rng.integers(0, n_classes, n_poison)
+    emb = np.concatenate([centres[cls], centres[pois_cls]]) + rng.normal(size=(len(cls) + n_poison, dim)) * spread
+    answer = np.concatenate([cls, np.full(n_poison, 99 if target == "phrase" else 0)])
+    truth = np.r_[np.zeros(len(cls), bool), np.ones(n_poison, bool)]
+    n = len(answer)
+    s = Scores(entropy=rng.normal(size=(n, 4)), answer_token=answer, image_embedding=emb)
+    return s, truth
+
+
+def _f1(flagged, truth):
+    return 2 * (flagged & truth).sum() / max(1, flagged.sum() + truth.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("target", ["phrase", "existing"])
+def test_an_answer_group_whose_images_disagree_with_it_is_found(seed, target):
+    s, truth = _content_groups(seed, target=target)
+    det = bye_fast.detect(s)
+    assert _f1(det.flagged, truth) >= 0.9, det.reason
+    assert "look like other answers" in det.reason
+    assert not det.flagged[~truth][: 80].any() or target == "existing"  # class 0 stays (phrase target)
+    # the ranked suspicion: poisoned samples above the clean ones
+    assert np.median(det.score[truth]) > np.percentile(det.score[~truth], 95)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clean_answer_groups_that_follow_the_images_are_left_alone(seed):
+    s, _ = _content_groups(seed, n_poison=0)
+    det = bye_fast.detect(s)
+    assert not det.flagged.any(), det.reason
+
+
+def test_the_content_test_needs_five_groups_and_can_be_switched_off():
+    s, truth = _content_groups(0, n_classes=3)
+    assert not bye_fast.detect(s).flagged.any()  # 4 groups: the median group means little
+    s, truth = _content_groups(0)
+    assert not bye_fast.detect(s, content_groups=False).flagged.any()
+    assert bye_fast.detect(s, content_groups=True).flagged.sum() > 0
+    with pytest.raises(ValueError, match="min_content_ratio"):
+        bye_fast.detect(s, min_content_ratio=1.0)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        bye_fast.detect(s, n_neighbors=0)
+
+
+def test_the_neighbour_search_on_a_subset_agrees_with_the_full_one(monkeypatch):
+    s, truth = _content_groups(3)
+    full = bye_fast.detect(s).flagged
+    monkeypatch.setattr(ConsensusDetector, "knn_reference", 500)  # of 880 samples
+    sub = bye_fast.detect(s).flagged
+    assert (full != sub).sum() <= 0.05 * truth.sum() and _f1(sub, truth) >= 0.9

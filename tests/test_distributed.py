@@ -76,7 +76,7 @@ def test_two_ranks_match_one_process(tmp_path):
     try:
         model, processor = model_and_processor()  # meanwhile: the one-process run
         loader = make_loader(data / "train.json", data / "images", processor, batch_size=BATCH_SIZE)
-        single = bye_fast.score(model, loader, progress=False)
+        single = bye_fast.score(model, loader, progress=False, image_embeddings=True)
         for p in procs:
             _, err = p.communicate(timeout=240)
             assert p.returncode == 0, err[-4000:]
@@ -94,13 +94,14 @@ def test_two_ranks_match_one_process(tmp_path):
     ]
     for r in range(2):
         gathered = bye_fast.Scores.load(out / f"gathered{r}.npz")
-        for f in FIELDS:  # same batches, same rows: bit-identical on CPU
+        for f in (*FIELDS, "image_embedding"):  # same batches, same rows: bit-identical on CPU
             np.testing.assert_array_equal(getattr(gathered, f), getattr(single, f), err_msg=f"rank {r}: {f}")
         local = bye_fast.Scores.load(out / f"local{r}.npz")
         assert local.ids.tolist() == reports[r]["shard_ids"]
         rep = reports[r]
         assert rep["default_ids"] == list(range(N))  # renumbered over all ranks, as one process would
         assert rep["empty_rank"] == ["r0", "r1", "r2", "r3"]
+        assert rep["empty_rank_embedding"] == [4, single.image_embedding.shape[1]]
         assert "ValueError: id 'r0' was scored by rank 0 and rank 1" in rep["duplicate"]
         assert "shard_indices" in rep["duplicate"]
         assert rep["checkpoint_rerun_equal"]

@@ -110,6 +110,43 @@ def test_model_state_restored_on_error():
     assert _attn_impls(model) == before
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_image_embedding_matches_the_whole_vision_tower(padding_side):
+    """Fused: a hook on the projector's input, with the unused vision layers skipped. Twins: the
+    reference path (every vision layer run, hidden_states[vision_feature_layer]) and a float64 mean
+    of that by hand."""
+    model, batches = llava(n_batches=2, batch_size=3, padding_side=padding_side)
+    fused = bye_fast.score(model, batches, progress=False, image_embeddings=True)
+    ref = bye_fast.score_reference(model, batches, progress=False, image_embeddings=True)
+    vcfg = model.config.vision_config
+    with torch.no_grad():
+        hs = [model.model.vision_tower(b["pixel_values"], output_hidden_states=True).hidden_states for b in batches]
+    want = torch.cat([h[model.config.vision_feature_layer][:, 1:].double().mean(dim=1) for h in hs]).numpy()
+    assert fused.image_embedding.shape == (6, vcfg.hidden_size)
+    assert np.ptp(fused.image_embedding, axis=0).max() > 1e-3  # differs between images
+    np.testing.assert_allclose(fused.image_embedding, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ref.image_embedding, want, atol=1e-5, rtol=1e-5)
+    assert bye_fast.score(model, batches, progress=False).image_embedding is None  # only when asked
+
+
+def test_image_embedding_of_a_row_without_image_is_nan():
+    model, batches = llava(n_batches=1, batch_size=3)
+    batch = dict(batches[0])
+    ids = batch["input_ids"].clone()
+    ids[1][ids[1] == model.config.image_token_id] = 7
+    batch["input_ids"], batch["pixel_values"] = ids, batch["pixel_values"][[0, 2]]
+    with pytest.warns(UserWarning, match="no image token"):
+        s = bye_fast.score(model, [batch], progress=False, image_embeddings=True)
+    assert np.isnan(s.image_embedding[1]).all() and np.isfinite(s.image_embedding[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_image_embedding_elsewhere_is_a_clear_error(family):
+    model, batches = FAMILIES[family]()
+    with pytest.raises(NotImplementedError, match="image_embeddings=True"):
+        bye_fast.score(model, batches, progress=False, image_embeddings=True)
+
+
 def test_row_without_image_gives_nan_and_warning():
     model, batches = llava(n_batches=1, batch_size=3)
     batch = dict(batches[0])

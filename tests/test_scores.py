@@ -12,7 +12,7 @@ from bye_fast.scores import FIELDS, RowBuffer
 
 
 def _scores(rng, n=7, layers=3, heads=2, hidden=5, ids=None):
-    sizes = {"L": layers, "H": heads, "D": hidden}
+    sizes = {"L": layers, "H": heads, "D": hidden, "V": hidden + 1}
     arrays = {}
     for f in FIELDS:
         shape = (n, *(sizes[d] for d in f.dims))

@@ -173,13 +173,10 @@ def prepare_cell(
     if meta_path.exists():
         before = json.loads(meta_path.read_text())
         if before.get("spec") == asdict(spec) and before.get("fingerprint") == fp:
-            return Cell(
-                spec,
-                folder,
-                before,
-                bye_fast.Scores.load(folder / "scores.npz"),
-                np.load(folder / "truth.npy"),
-            )
+            scores = bye_fast.Scores.load(folder / "scores.npz")
+            if scores.image_embedding is None:  # a cell scored before that field existed: score it again
+                scores = _score_cell(folder, batch_size, progress)
+            return Cell(spec, folder, before, scores, np.load(folder / "truth.npy"))
     t0 = time.perf_counter()
     times: dict[str, float] = {}
     task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
@@ -210,9 +207,7 @@ def prepare_cell(
     times["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    loader = make_loader(data / "train.json", data / "images", processor, batch_size=batch_size)
-    scores = bye_fast.score(model, loader, progress=progress, hidden_states=True)
-    scores.save(folder / "scores.npz")
+    scores = _score_cell(folder, batch_size, progress, model, processor)
     times["score"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
 
@@ -229,6 +224,21 @@ def prepare_cell(
     }
     write_json_atomic(meta_path, before)  # last: its presence marks a finished cell
     return Cell(spec, folder, before, scores, poisoned.is_poisoned)
+
+
+def _score_cell(folder: Path, batch_size: int, progress: bool, model=None, processor=None) -> bye_fast.Scores:
+    """Score the cell's training data with its fine-tuned model (loaded from ``model/`` if not given)
+    and save ``scores.npz``: every field, the hidden state and the image embedding included."""
+    if model is None:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(folder / "model").eval()
+        processor = AutoProcessor.from_pretrained(folder / "model")
+    data = folder / "data"
+    loader = make_loader(data / "train.json", data / "images", processor, batch_size=batch_size)
+    scores = bye_fast.score(model, loader, progress=progress, hidden_states=True, image_embeddings=True)
+    scores.save(folder / "scores.npz")
+    return scores
 
 
 def retrain(
