@@ -603,22 +603,32 @@ class ConsensusDetector:
         if not self.content_groups or emb is None or len(index) < self.min_content_groups:
             return []
         vidx = np.nonzero(valid)[0]
-        x = np.asarray(emb[vidx], dtype=np.float64)
-        if not np.isfinite(x).all():
-            return []
         nv = len(vidx)
+        step = 65_536  # rows at a time in float64: memory stays ~ step x dim whatever n
 
-        def diversity(rows: np.ndarray) -> float:
-            xr = x[rows]
-            return float(((xr - xr.mean(axis=0)) ** 2).sum(axis=1).mean())
+        def rows64(rows: np.ndarray) -> np.ndarray:
+            return np.asarray(emb[vidx[rows]], dtype=np.float64)
+
+        def diversity(rows: np.ndarray) -> float:  # mean squared distance to the mean, in one pass
+            total, sq = np.zeros(emb.shape[1]), 0.0
+            for s0 in range(0, len(rows), step):
+                xr = rows64(rows[s0 : s0 + step])
+                if not np.isfinite(xr).all():
+                    return float("nan")
+                total += xr.sum(axis=0)
+                sq += float((xr**2).sum())
+            mean = total / len(rows)
+            return sq / len(rows) - float(mean @ mean)
 
         div = {t: diversity(g) for t, g in index.items()}
+        if not all(np.isfinite(v) for v in div.values()):
+            return []
         typical = float(np.median(list(div.values())))
         if typical <= 0:
             return []
         rng = np.random.default_rng(0)
         ref = np.arange(nv) if nv <= self.knn_reference else np.sort(rng.choice(nv, self.knn_reference, replace=False))
-        xref = x[ref]
+        xref = rows64(ref)
         ref_sq = (xref**2).sum(axis=1)
         k = min(int(self.n_neighbors), len(ref) - 1)
         out = []
@@ -631,7 +641,7 @@ class ConsensusDetector:
             outside = np.empty(len(g))
             for s0 in range(0, len(g), 1024):  # (chunk x reference) distances at a time
                 rows = g[s0 : s0 + 1024]
-                d = ref_sq[None, :] - 2.0 * x[rows] @ xref.T
+                d = ref_sq[None, :] - 2.0 * rows64(rows) @ xref.T
                 d[ref[None, :] == rows[:, None]] = np.inf  # not its own neighbour
                 near = np.argpartition(d, k - 1, axis=1)[:, :k]
                 outside[s0 : s0 + len(rows)] = 1.0 - in_group[ref[near]].mean(axis=1)
