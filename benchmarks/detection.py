@@ -46,7 +46,9 @@ RATES = (0.05, 0.1, 0.2)
 #: Held-out seeds of round 2 (``results/detection_protocol.md``): fresh models, never seen by a detector design.
 ROUND2_SEEDS = (5, 6, 7)
 #: Held-out seeds of round 3 (``results/detection_protocol.md``); round 2's cells became design material.
-ROUND3_SEEDS = (8, 9, 10)
+ROUND3_SEEDS = (8, 9, 10, 11, 12)
+#: The scene task's round-3 held-out seeds (clean cells only).
+ROUND3_SCENE_SEEDS = (8, 9, 10)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -73,7 +75,7 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         design = cells_of("all2")
         design = [("design3", spec) for _, spec in design]
         heldout = (family("digits-ten", ROUND3_SEEDS, "heldout3", ("patch", "two_patches"), (0.1,))
-                   + family("scenes", ROUND3_SEEDS, "heldout3", (), (0.1,), existing=()))  # fmt: skip
+                   + family("scenes", ROUND3_SCENE_SEEDS, "heldout3", (), (0.1,), existing=()))  # fmt: skip
         return {"design3": design, "heldout3": heldout, "all3": design + heldout}[which]
     if which.endswith("2"):  # round 2 (detection_protocol.md): 10% poison, the triggers the lab learns
         design = family("digits-parity", (0, 1), "design2", ("patch", "two_patches"), (0.1,))
@@ -260,7 +262,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout3", "Round 3, held-out cells (digits-ten seeds 8-10; clean scenes seeds 8-10)"),
+    for set_name, title in (("heldout3", "Round 3, held-out cells (digits-ten seeds 8-12; clean scenes seeds 8-10)"),
                             ("design3", "Round 3, design cells (every cell of round 2)"),
                             ("heldout2", "Round 2, held-out cells (digits-ten, scenes; seeds 5-7)"),
                             ("design2", "Round 2, design cells (digits-parity, seeds 0-1)"),

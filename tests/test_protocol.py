@@ -60,8 +60,11 @@ def test_round_three_holds_out_seeds_no_earlier_round_used():
     earlier = det.cells_of("all") + det.cells_of("all2")
     for task in ("digits-ten", "scenes"):
         assert not _seeds(heldout, task) & _seeds(earlier, task)
-    assert set(det.ROUND3_SEEDS) == _seeds(heldout)
+    assert set(det.ROUND3_SEEDS) == _seeds(heldout, "digits-ten")
+    assert set(det.ROUND3_SCENE_SEEDS) == _seeds(heldout, "scenes")
     names = [spec.name for _, spec in det.cells_of("all3")]
     assert len(names) == len(set(names)) == len(design) + len(heldout)
     assert {(s.task, s.seed) for _, s in heldout} == {(s.task, s.seed) for _, s in heldout if s.rate == 0}
-    assert sum(s.rate > 0 for _, s in heldout) == 3 * 3  # patch, two patches, patch -> existing answer
+    # digits-ten: patch, two patches, patch -> existing answer; scenes: the clean cells only
+    assert sum(s.rate > 0 for _, s in heldout) == 3 * len(det.ROUND3_SEEDS)
+    assert all(s.task == "digits-ten" for _, s in heldout if s.rate > 0)
