@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from _machine import describe  # noqa: E402
 
 
-def one(n: int, features: int, seed: int = 0) -> dict:
+def one(n: int, features: int, seed: int = 0, embedding: int = 0) -> dict:
     """Generate, detect, measure (in this process)."""
     import numpy as np
 
@@ -46,8 +46,17 @@ def one(n: int, features: int, seed: int = 0) -> dict:
     for j in (features // 2, features // 2 + 1, features // 2 + 2, features // 2 + 3):
         ent[truth, j] = (2.5 + rng.normal(0, 0.03, truth.sum())).astype(np.float32)
     answer = rng.integers(0, 8, n)
-    scores = Scores(entropy=ent, answer_token=answer)
-    del ent
+    emb = None
+    if embedding:  # images that follow the answer (8 class centres); the poison answers 8 whatever its image
+        answer[truth] = 8
+        centres = rng.normal(size=(8, embedding)).astype(np.float32) * 3
+        emb = np.empty((n, embedding), np.float32)
+        for s0 in range(0, n, 65_536):
+            s1 = min(n, s0 + 65_536)
+            cls = np.where(truth[s0:s1], rng.integers(0, 8, s1 - s0), answer[s0:s1])
+            emb[s0:s1] = centres[cls] + rng.normal(0, 0.5, size=(s1 - s0, embedding)).astype(np.float32)
+    scores = Scores(entropy=ent, answer_token=answer, image_embedding=emb)
+    del ent, emb
     t = time.perf_counter()
     det = detect(scores)
     seconds = time.perf_counter() - t
@@ -57,7 +66,8 @@ def one(n: int, features: int, seed: int = 0) -> dict:
         "features": int(det.details["evidence"].shape[0]),
         "seconds": round(seconds, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "input_gb": round(scores.entropy.nbytes / 2**30, 2),
+        "embedding": embedding,
+        "input_gb": round((scores.entropy.nbytes + (0 if scores.image_embedding is None else scores.image_embedding.nbytes)) / 2**30, 2),
         "flagged": int(det.n_flagged),
         "recall": round(tp / max(1, truth.sum()), 4),
         "precision": round(tp / max(1, det.n_flagged), 4),
@@ -68,15 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--features", type=int, default=1024, help="features of the test (default 1,024)")
+    ap.add_argument("--embedding", type=int, default=0,
+                    help="also an image embedding of this size whose poisoned group disagrees with its answer "
+                         "(the content test; default 0: none)")  # fmt: skip
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_detect")
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.sizes[0], args.features)))
+        print(json.dumps(one(args.sizes[0], args.features, embedding=args.embedding)))
         return 0
     rows = []
     for n in args.sizes:
-        cmd = [sys.executable, __file__, "--one", "--sizes", str(n), "--features", str(args.features)]
+        cmd = [sys.executable, __file__, "--one", "--sizes", str(n), "--features", str(args.features),
+               "--embedding", str(args.embedding)]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -92,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         "Goal: 1M samples x 1,024 features in <= 60 s and <= 8 GB (peak RSS includes the float32 "
         "score arrays themselves, `input GB`). Poison: 5%, seen by 4 of the features; 8 answer groups.",
         "",
-        "| samples | features | seconds | peak RSS GB | input GB | flagged | recall | precision |",
-        "|---|---|---|---|---|---|---|---|",
+        "With `--embedding D`: also a D-dim image embedding; the poisoned samples answer a 9th answer "
+        "whatever their image (class centre), so the content test flags that group and searches "
+        "neighbours for each of its members.",
+        "",
+        "| samples | features | embedding | seconds | peak RSS GB | input GB | flagged | recall | precision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['samples']:,} | {r['features']:,} | {r['seconds']} | {r['peak_rss_gb']} | {r['input_gb']} "
+            f"| {r['samples']:,} | {r['features']:,} | {r['embedding']} | {r['seconds']} | {r['peak_rss_gb']} | {r['input_gb']} "
             f"| {r['flagged']:,} | {r['recall']} | {r['precision']} |"
         )
     text = "\n".join(lines) + "\n"
