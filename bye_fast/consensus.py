@@ -369,6 +369,8 @@ class ConsensusDetector:
     clusters_ : list of dict, one per context with a significant block: ``context``, ``size``,
         ``evidence``, ``block`` (feature names), ``side`` of the lead feature.
     n_tests_ : the number of tests the Bonferroni correction counts.
+    content_ratios_ : dict, answer token -> its group's image diversity / the median group's (empty
+        when the content test did not run).
     flagged_, score_ : per sample (see :class:`bye_fast.detect.Detection`).
     detection_ : the :class:`Detection`.
     """
@@ -600,6 +602,7 @@ class ConsensusDetector:
         answer otherwise; a clean member looks like its own class.
         """
         emb = scores.image_embedding
+        self.content_ratios_: dict[int, float] = {}
         if not self.content_groups or emb is None or len(index) < self.min_content_groups:
             return []
         vidx = np.nonzero(valid)[0]
@@ -626,6 +629,7 @@ class ConsensusDetector:
         typical = float(np.median(list(div.values())))
         if typical <= 0:
             return []
+        self.content_ratios_ = {int(t): div[t] / typical for t in index}
         rng = np.random.default_rng(0)
         ref = np.arange(nv) if nv <= self.knn_reference else np.sort(rng.choice(nv, self.knn_reference, replace=False))
         xref = rows64(ref)
@@ -845,6 +849,9 @@ class ConsensusDetector:
                 "n_tests": self.n_tests_,
                 "contexts": [{"context": c[0], "size": len(c[1])} for c in contexts],
                 "too_large": bool(too_large),
+                "content_groups": [{"answer_token": t, "size": int(len(answer_groups[t])), "diversity_ratio": r}
+                                   for t, r in self.content_ratios_.items()],
+                "content_threshold": float(self.min_content_ratio),
                 "left_out": rows.left_out,
                 "refined": refined,
             },

@@ -14,7 +14,7 @@ from bye_fast.scores import Scores
 __all__ = ["PLOT_NAMES", "plot_detection"]
 
 #: The files :func:`plot_detection` writes in its folder.
-PLOT_NAMES = ("suspicion.png", "features.png", "layer_entropy.png")
+PLOT_NAMES = ("suspicion.png", "features.png", "layer_entropy.png", "answer_groups.png")
 
 
 def _figure():
@@ -43,14 +43,17 @@ def plot_detection(
     * ``features.png``: what the method looked at, feature by feature (the paper: each
       layer's separation against the threshold; the default: each feature's evidence and
       the features it chose);
-    * ``layer_entropy.png``: per-layer distribution of the head-mean entropy, flagged vs kept.
+    * ``layer_entropy.png``: per-layer distribution of the head-mean entropy, flagged vs kept;
+    * ``answer_groups.png``: the default's content test -- each answer group's image diversity
+      relative to the median group's, against the threshold (or why the test did not run).
     """
     plt = _figure()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [_suspicion(plt, detection, out / "suspicion.png", truth),
              _features(plt, detection, out / "features.png"),
-             _layer_entropy(plt, scores, detection, out / "layer_entropy.png")]  # fmt: skip
+             _layer_entropy(plt, scores, detection, out / "layer_entropy.png"),
+             _answer_groups(plt, detection, out / "answer_groups.png")]  # fmt: skip
     return paths
 
 
@@ -112,6 +115,32 @@ def _features(plt, det: Detection, path: Path) -> Path:
         ax.set_title(f"{det.method}: per-feature evidence (red: used for the decision)")
     else:
         ax.text(0.5, 0.5, "no per-feature statistics", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _answer_groups(plt, det: Detection, path: Path) -> Path:
+    groups = sorted(det.details.get("content_groups") or [], key=lambda g: -g["diversity_ratio"])
+    threshold = det.details.get("content_threshold")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(groups) + 3), 3.6))
+    if groups:
+        x = np.arange(len(groups))
+        ratios = [g["diversity_ratio"] for g in groups]
+        colors = ["tab:red" if threshold is not None and r >= threshold else "tab:blue" for r in ratios]
+        ax.bar(x, ratios, color=colors, width=0.8)
+        if threshold is not None:
+            ax.axhline(float(threshold), color="k", ls="--", lw=1, label=f"threshold {float(threshold):g}")
+            ax.legend(loc="upper right")
+        ax.set_xticks(x, [f"{g['answer_token']}\n({g['size']})" for g in groups], fontsize=6)
+        ax.set_xlabel("answer group: first answer token (samples)")
+        ax.set_ylabel("image diversity / median group's")
+        ax.set_title("answer groups whose images disagree with the answer (red: tested further)")
+    else:
+        why = ("the content test did not run: it needs Scores.image_embedding (score(image_embeddings=True)) "
+               "and at least five answer groups")  # fmt: skip
+        ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True, transform=ax.transAxes, fontsize=8)
         ax.set_axis_off()
     path = _save(fig, path)
     plt.close(fig)

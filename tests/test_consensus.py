@@ -296,3 +296,20 @@ def test_the_neighbour_search_on_a_subset_agrees_with_the_full_one(monkeypatch):
     monkeypatch.setattr(ConsensusDetector, "knn_reference", 500)  # of 880 samples
     sub = bye_fast.detect(s).flagged
     assert (full != sub).sum() <= 0.05 * truth.sum() and _f1(sub, truth) >= 0.9
+
+
+def test_the_content_test_is_in_the_details_and_the_plot(tmp_path):
+    from bye_fast.plots import plot_detection
+
+    s, truth = _content_groups(0)
+    det = bye_fast.detect(s)
+    groups = {g["answer_token"]: g for g in det.details["content_groups"]}
+    assert set(groups) == set(range(10)) | {99}
+    assert groups[99]["diversity_ratio"] >= det.details["content_threshold"] > max(
+        g["diversity_ratio"] for t, g in groups.items() if t != 99
+    )
+    back = bye_fast.Detection.from_json(det.to_json(tmp_path / "detection.json"))  # JSON-safe
+    assert back.details["content_groups"] == det.details["content_groups"]
+    paths = plot_detection(s, det, tmp_path / "plots")
+    assert (tmp_path / "plots" / "answer_groups.png") in paths
+    assert (tmp_path / "plots" / "answer_groups.png").stat().st_size > 1000
