@@ -599,11 +599,25 @@ class ConsensusDetector:
         share of a member's ``n_neighbors`` nearest samples (image embedding, among at most
         :attr:`knn_reference` samples) that are NOT in the group is its suspicion, and a member is
         flagged when that share exceeds 1/2 -- a poisoned "3" looks like the clean threes, which
-        answer otherwise; a clean member looks like its own class.
+        answer otherwise; a clean member looks like its own class. A group with fewer than
+        ``min_cluster`` such members is left alone (diverse, but its images are its own).
+
+        Limit: a clean answer that does not follow the image ("yes" to mixed questions, a fixed
+        reply) among answers that do is diverse for the same reason as a target, and would be
+        removed whole; the design cells have no such answer (``detection_analysis.md``, round 3).
         """
         emb = scores.image_embedding
         self.content_ratios_: dict[int, float] = {}
-        if not self.content_groups or emb is None or len(index) < self.min_content_groups:
+        self.content_note_ = ""
+        if not self.content_groups:
+            self.content_note_ = "the content test is off (content_groups=False)"
+            return []
+        if emb is None:
+            self.content_note_ = "no Scores.image_embedding (score(..., image_embeddings=True)): no content test"
+            return []
+        if len(index) < self.min_content_groups:
+            self.content_note_ = (f"{len(index)} answer groups of >= {self.min_group} samples; the content test "
+                                  f"needs {self.min_content_groups}")  # fmt: skip
             return []
         vidx = np.nonzero(valid)[0]
         nv = len(vidx)
@@ -625,9 +639,11 @@ class ConsensusDetector:
 
         div = {t: diversity(g) for t, g in index.items()}
         if not all(np.isfinite(v) for v in div.values()):
+            self.content_note_ = "an image embedding of an answer group is not finite: no content test"
             return []
         typical = float(np.median(list(div.values())))
         if typical <= 0:
+            self.content_note_ = "the median answer group's images are all alike (diversity 0): no content test"
             return []
         self.content_ratios_ = {int(t): div[t] / typical for t in index}
         rng = np.random.default_rng(0)
@@ -650,6 +666,8 @@ class ConsensusDetector:
                 near = np.argpartition(d, k - 1, axis=1)[:, :k]
                 outside[s0 : s0 + len(rows)] = 1.0 - in_group[ref[near]].mean(axis=1)
             flagged = outside > 0.5
+            if flagged.sum() < self.min_cluster:  # a diverse group whose members look like their group
+                continue
             out.append((int(t), g, outside, {
                 "context": f"answer token {int(t)} (whole group)", "size": int(flagged.sum()),
                 "context_size": len(g), "evidence": float("nan"), "lead": "image_embedding",
@@ -849,9 +867,12 @@ class ConsensusDetector:
                 "n_tests": self.n_tests_,
                 "contexts": [{"context": c[0], "size": len(c[1])} for c in contexts],
                 "too_large": bool(too_large),
-                "content_groups": [{"answer_token": t, "size": int(len(answer_groups[t])), "diversity_ratio": r}
+                "content_groups": [{"answer_token": t, "size": int(len(answer_groups[t])), "diversity_ratio": r,
+                                    "tested": bool(r >= self.min_content_ratio
+                                                   and len(answer_groups[t]) <= self.max_fraction * nv)}
                                    for t, r in self.content_ratios_.items()],
                 "content_threshold": float(self.min_content_ratio),
+                "content_note": self.content_note_,
                 "left_out": rows.left_out,
                 "refined": refined,
             },
@@ -882,7 +903,7 @@ class ConsensusDetector:
         )
         if too_large:
             return (
-                f"found {n_found} of {nv} samples ({n_found / nv:.1%}) in tight tail clusters, more than "
+                f"found {n_found} of {nv} samples ({n_found / nv:.1%}) in the clusters, more than "
                 f"max_fraction={self.max_fraction:g}: too large to be poison (a clean mode?), nothing flagged; {parts}"
             )
         return f"flagged {n_found} of {nv} samples ({n_found / nv:.1%}); {parts}"

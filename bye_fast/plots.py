@@ -121,25 +121,25 @@ def _features(plt, det: Detection, path: Path) -> Path:
     return path
 
 
-def _answer_groups(plt, det: Detection, path: Path) -> Path:
+def _answer_groups(plt, det: Detection, path: Path, *, show: int = 40) -> Path:
     groups = sorted(det.details.get("content_groups") or [], key=lambda g: -g["diversity_ratio"])
     threshold = det.details.get("content_threshold")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(groups) + 3), 3.6))
-    if groups:
-        x = np.arange(len(groups))
-        ratios = [g["diversity_ratio"] for g in groups]
-        colors = ["tab:red" if threshold is not None and r >= threshold else "tab:blue" for r in ratios]
-        ax.bar(x, ratios, color=colors, width=0.8)
+    shown = groups[:show]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(shown) + 3), 3.6))
+    if shown:
+        x = np.arange(len(shown))
+        colors = ["tab:red" if g.get("tested") else "tab:blue" for g in shown]
+        ax.bar(x, [g["diversity_ratio"] for g in shown], color=colors, width=0.8)
         if threshold is not None:
             ax.axhline(float(threshold), color="k", ls="--", lw=1, label=f"threshold {float(threshold):g}")
             ax.legend(loc="upper right")
-        ax.set_xticks(x, [f"{g['answer_token']}\n({g['size']})" for g in groups], fontsize=6)
-        ax.set_xlabel("answer group: first answer token (samples)")
+        ax.set_xticks(x, [f"{g['answer_token']}\n({g['size']})" for g in shown], fontsize=6)
+        more = f"; the {len(shown)} most diverse of {len(groups)}" if len(groups) > len(shown) else ""
+        ax.set_xlabel(f"answer group: first answer token (samples){more}")
         ax.set_ylabel("image diversity / median group's")
-        ax.set_title("answer groups whose images disagree with the answer (red: tested further)")
+        ax.set_title("answer groups whose images disagree with the answer (red: members tested)")
     else:
-        why = ("the content test did not run: it needs Scores.image_embedding (score(image_embeddings=True)) "
-               "and at least five answer groups")  # fmt: skip
+        why = det.details.get("content_note") or f"no content test ({det.method})"
         ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True, transform=ax.transAxes, fontsize=8)
         ax.set_axis_off()
     path = _save(fig, path)

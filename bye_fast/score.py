@@ -284,19 +284,34 @@ def _empty_shapes(
     return shapes
 
 
-def _row_means(feats: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+def _row_means(feats: torch.Tensor | None, image_mask: torch.Tensor, size: int) -> torch.Tensor:
     """One (T, V) block of vision features per image -> (B, V) float32 rows: each image's mean in the row
-    that holds its tokens, NaN in a row without image tokens (images are in row order, one per row)."""
+    that holds its tokens, NaN in a row without image tokens (images are in row order, one per row;
+    ``feats`` None: no row of the batch has an image)."""
     has = (image_mask.sum(dim=1) > 0).cpu()
-    if feats.ndim != 3 or feats.shape[0] != int(has.sum()):
+    if feats is None and not has.any():
+        return torch.full((len(has), size), float("nan"))
+    if feats is None or feats.ndim != 3 or feats.shape[0] != int(has.sum()) or feats.shape[-1] != size:
         raise NotImplementedError(
-            "image_embeddings=True needs a model whose projector reads one (tokens, features) block per "
-            f"sample (LLaVA-1.5 style); got a projector input of shape {tuple(feats.shape)} for "
-            f"{int(has.sum())} rows with an image"
+            f"image_embeddings=True needs a model whose projector reads one (tokens, {size}) block per "
+            f"sample (LLaVA-1.5 style); got a projector input of shape "
+            f"{None if feats is None else tuple(feats.shape)} for {int(has.sum())} rows with an image"
         )
-    out = torch.full((len(has), feats.shape[-1]), float("nan"))
+    out = torch.full((len(has), size), float("nan"))
     out[has] = feats.double().mean(dim=1).float().cpu()
     return out
+
+
+def _check_image_embeddings(model: torch.nn.Module) -> None:
+    """``image_embeddings=True`` is defined for LLaVA-1.5-style models only: one image per sample, a
+    ``multi_modal_projector`` reading ``hidden_states[vision_feature_layer]`` (one int) of the tower."""
+    inner = _decoder_inputs_model(model)
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if type(inner).__name__ != "LlavaModel" or not isinstance(layer, int):
+        raise NotImplementedError(
+            "image_embeddings=True supports LLaVA-1.5-style models (LlavaModel, one int vision_feature_layer); "
+            f"{type(model).__name__} is not one"
+        )
 
 
 def _projector(model: torch.nn.Module) -> torch.nn.Module:
@@ -418,6 +433,7 @@ class _FusedScorer:
     ) -> None:
         self.model = model
         self.image_emb = image_emb
+        self.vision_size = int(model.config.vision_config.hidden_size) if image_emb else 0
         self.inner = _decoder_inputs_model(model)
         self.n_layers = int(text_config(model).num_hidden_layers)
         self.answers = answers
@@ -505,7 +521,7 @@ class _FusedScorer:
             out = self.inner(**batch.inputs, use_cache=False)
         stats = collector.finish()
         if self.image_emb:
-            stats["image_embedding"] = _row_means(seen[0], batch.image_mask)
+            stats["image_embedding"] = _row_means(seen[0] if seen else None, batch.image_mask, self.vision_size)
         if self.answers:
             stats.update(_answer_signals(self.model, out.last_hidden_state, batch.qpos, self.hidden))
         return _rows_of_stats(stats, batch.image_mask)
@@ -677,6 +693,8 @@ def _score_local(
     answers = _has_lm_head(model)
     if hidden and not answers:
         raise ValueError(f"hidden_states=True needs a model with an LM head; {type(model).__name__} has none")
+    if image_emb:
+        _check_image_embeddings(model)
     n_layers = int(text_config(model).num_hidden_layers)
     desc = "bye_fast.score" if dist is None else f"bye_fast.score [rank {dist[0]}/{dist[1]}]"
     meta = {"method": "bye_fast.score", "model": type(model).__name__, "backend": backend, "topk": topk}
@@ -817,6 +835,8 @@ def _reference_local(
     answers = _has_lm_head(model)
     if hidden and not answers:
         raise ValueError(f"hidden_states=True needs a model with an LM head; {type(model).__name__} has none")
+    if image_emb:
+        _check_image_embeddings(model)
     image_token_id = resolve_image_token_id(model, image_token_id)
     device, dtype = _check_device(model, device)
     max_len = _context_length(model)
@@ -842,8 +862,10 @@ def _reference_local(
                 )
             stats = _stats_from_maps(attentions, batch.qpos, batch.image_mask & batch.key_valid, topk)
             if image_emb:
-                pv = batch.inputs["pixel_values"]
-                stats["image_embedding"] = _row_means(vision_features_reference(model, pv), batch.image_mask)
+                pv = batch.inputs.get("pixel_values")
+                feats = None if pv is None else vision_features_reference(model, pv)
+                size = int(model.config.vision_config.hidden_size)
+                stats["image_embedding"] = _row_means(feats, batch.image_mask, size)
             if answers:
                 r = torch.arange(batch.size, device=batch.qpos.device)
                 logits = out.logits[r, batch.qpos].double()

@@ -71,9 +71,9 @@ def main() -> None:
     bye_fast.score(model, loader, progress=False, gather=False).save(out / f"local{rank}.npz")
     no_ids = [{k: v for k, v in b.items() if k != "ids"} for b in loader]
     report["default_ids"] = bye_fast.score(model, no_ids, progress=False).ids.tolist()
-    empty = bye_fast.score(model, loader if rank == 0 else [], progress=False, image_embeddings=True)
-    report["empty_rank"] = empty.ids.tolist()
-    report["empty_rank_embedding"] = list(empty.image_embedding.shape)
+    report["empty_rank"] = bye_fast.score(model, loader if rank == 0 else [], progress=False).ids.tolist()
+    own = bye_fast.score(model, loader if rank == 0 else [], progress=False, image_embeddings=True, gather=False)
+    report["empty_rank_embedding"] = list(own.image_embedding.shape)  # rank 1 has no rows: the declared shape
     everything = make_loader(
         data_dir / "train.json", data_dir / "images", processor, batch_size=BATCH_SIZE, rank=0, world_size=1
     )

@@ -313,3 +313,17 @@ def test_the_content_test_is_in_the_details_and_the_plot(tmp_path):
     paths = plot_detection(s, det, tmp_path / "plots")
     assert (tmp_path / "plots" / "answer_groups.png") in paths
     assert (tmp_path / "plots" / "answer_groups.png").stat().st_size > 1000
+
+
+def test_a_diverse_group_whose_members_look_like_each_other_is_left_alone():
+    """Diverse, but its images sit apart from every other answer's: its members' neighbours are its
+    own, so nobody in it looks like another answer -- no cluster, and the ranking stays intact."""
+    s, _ = _content_groups(0, n_poison=0)
+    rng = np.random.default_rng(5)
+    own = rng.normal(size=(80, 16)) * 2.0 + 40.0  # far from the class centres, broad
+    s = Scores(entropy=np.r_[s.entropy, rng.normal(size=(80, 4))], answer_token=np.r_[s.answer_token, [99] * 80],
+               image_embedding=np.r_[s.image_embedding, own])  # fmt: skip
+    det = bye_fast.detect(s)
+    ratio = {g["answer_token"]: g for g in det.details["content_groups"]}[99]
+    assert ratio["tested"] and ratio["diversity_ratio"] >= det.details["content_threshold"]
+    assert not det.flagged.any() and not det.details["clusters"], det.reason

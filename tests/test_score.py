@@ -138,13 +138,25 @@ def test_image_embedding_of_a_row_without_image_is_nan():
     with pytest.warns(UserWarning, match="no image token"):
         s = bye_fast.score(model, [batch], progress=False, image_embeddings=True)
     assert np.isnan(s.image_embedding[1]).all() and np.isfinite(s.image_embedding[[0, 2]]).all()
+    # a batch without any image: the projector never runs; NaN rows, not an error (both paths)
+    text_only = dict(batches[0])
+    ids = text_only["input_ids"].clone()
+    ids[ids == model.config.image_token_id] = 7
+    text_only["input_ids"] = ids
+    del text_only["pixel_values"]
+    for path in (bye_fast.score, bye_fast.score_reference):
+        with pytest.warns(UserWarning, match="no image token"):
+            t = path(model, [batches[0], text_only], progress=False, image_embeddings=True)
+        assert t.image_embedding.shape == (6, model.config.vision_config.hidden_size)
+        assert np.isfinite(t.image_embedding[:3]).all() and np.isnan(t.image_embedding[3:]).all()
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl", "gemma3", "llava_next"])
 def test_image_embedding_elsewhere_is_a_clear_error(family):
     model, batches = FAMILIES[family]()
-    with pytest.raises(NotImplementedError, match="image_embeddings=True"):
-        bye_fast.score(model, batches, progress=False, image_embeddings=True)
+    for path in (bye_fast.score, bye_fast.score_reference):
+        with pytest.raises(NotImplementedError, match="image_embeddings=True supports LLaVA-1.5"):
+            path(model, batches, progress=False, image_embeddings=True)
 
 
 def test_row_without_image_gives_nan_and_warning():
