@@ -280,3 +280,29 @@ def test_the_demo_defaults_are_a_valid_benchmark_cell():
     for name in tasks.TASKS:
         task = tasks.build_task(name, n_user=spec.n_user, n_test=spec.n_test)
         assert (len(task.user.records), len(task.test.records)) == (spec.n_user, spec.n_test)
+
+
+def test_a_prepared_cell_without_image_embeddings_is_scored_again(tmp_path, monkeypatch):
+    """A cell prepared before Scores.image_embedding existed is re-scored from its saved model (not
+    re-trained); one that has the field is reused as it is."""
+    from dataclasses import asdict
+
+    import bye_fast
+    from bye_fast.lab import cell as cell_mod
+
+    spec = cell_mod.CellSpec(task="digits-ten", trigger="patch", rate=0.1, seed=3)
+    folder = tmp_path / spec.name
+    folder.mkdir()
+    old = bye_fast.Scores(entropy=np.zeros((4, 2)))
+    old.save(folder / "scores.npz")
+    np.save(folder / "truth.npy", np.array([True, False, False, False]))
+    (folder / "before.json").write_text(json.dumps({"spec": asdict(spec), "fingerprint": cell_mod.fingerprint(spec)}))
+    new = bye_fast.Scores(entropy=np.ones((4, 2)), image_embedding=np.ones((4, 3)))
+    calls = []
+    monkeypatch.setattr(cell_mod, "_score_cell", lambda f, *a, **k: calls.append(f) or new)
+    monkeypatch.setattr(cell_mod, "finetune", lambda *a, **k: pytest.fail("a prepared cell was trained again"))
+    c = cell_mod.prepare_cell(spec, folder)
+    assert calls == [folder] and c.scores is new and c.truth.tolist() == [True, False, False, False]
+    new.save(folder / "scores.npz")
+    c = cell_mod.prepare_cell(spec, folder)
+    assert calls == [folder] and c.scores.image_embedding.shape == (4, 3)  # reused, not scored again
