@@ -72,8 +72,7 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         return out
 
     if which.endswith("3"):  # round 3: every cell of round 2 is design material, new seeds held out
-        design = cells_of("all2")
-        design = [("design3", spec) for _, spec in design]
+        design = [("design3", spec) for _, spec in cells_of("all2")]
         heldout = (family("digits-ten", ROUND3_SEEDS, "heldout3", ("patch", "two_patches"), (0.1,))
                    + family("scenes", ROUND3_SCENE_SEEDS, "heldout3", (), (0.1,), existing=()))  # fmt: skip
         return {"design3": design, "heldout3": heldout, "all3": design + heldout}[which]

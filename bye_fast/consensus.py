@@ -369,8 +369,9 @@ class ConsensusDetector:
     clusters_ : list of dict, one per context with a significant block: ``context``, ``size``,
         ``evidence``, ``block`` (feature names), ``side`` of the lead feature.
     n_tests_ : the number of tests the Bonferroni correction counts.
-    content_ratios_ : dict, answer token -> its group's image diversity / the median group's (empty
-        when the content test did not run).
+    content_groups_ : list of dict, one per answer group: ``answer_token``, ``size``,
+        ``diversity_ratio`` (its image diversity / the median group's) and ``tested`` (members judged
+        one by one); empty when the content test did not run (``content_note_`` says why).
     flagged_, score_ : per sample (see :class:`bye_fast.detect.Detection`).
     detection_ : the :class:`Detection`.
     """
@@ -607,7 +608,7 @@ class ConsensusDetector:
         removed whole; the design cells have no such answer (``detection_analysis.md``, round 3).
         """
         emb = scores.image_embedding
-        self.content_ratios_: dict[int, float] = {}
+        self.content_groups_: list[dict] = []
         self.content_note_ = ""
         if not self.content_groups:
             self.content_note_ = "the content test is off (content_groups=False)"
@@ -645,17 +646,20 @@ class ConsensusDetector:
         if typical <= 0:
             self.content_note_ = "the median answer group's images are all alike (diversity 0): no content test"
             return []
-        self.content_ratios_ = {int(t): div[t] / typical for t in index}
+        ratios = {t: div[t] / typical for t in index}
+        tested = [t for t in index if ratios[t] >= self.min_content_ratio and len(index[t]) <= self.max_fraction * nv]
+        self.content_groups_ = [
+            {"answer_token": int(t), "size": len(g), "diversity_ratio": ratios[t], "tested": t in tested}
+            for t, g in index.items()
+        ]
         rng = np.random.default_rng(0)
         ref = np.arange(nv) if nv <= self.knn_reference else np.sort(rng.choice(nv, self.knn_reference, replace=False))
         xref = rows64(ref)
         ref_sq = (xref**2).sum(axis=1)
         k = min(int(self.n_neighbors), len(ref) - 1)
         out = []
-        for t, g in index.items():
-            ratio = div[t] / typical
-            if ratio < self.min_content_ratio or len(g) > self.max_fraction * nv or k < 1:
-                continue
+        for t in tested if k >= 1 else []:
+            g = index[t]
             in_group = np.zeros(nv, bool)
             in_group[g] = True
             outside = np.empty(len(g))
@@ -671,7 +675,7 @@ class ConsensusDetector:
             out.append((int(t), g, outside, {
                 "context": f"answer token {int(t)} (whole group)", "size": int(flagged.sum()),
                 "context_size": len(g), "evidence": float("nan"), "lead": "image_embedding",
-                "side": "inconsistent", "spread": float(ratio), "block": ["image_embedding"],
+                "side": "inconsistent", "spread": float(ratios[t]), "block": ["image_embedding"],
                 "n_significant": 1,
             }))  # fmt: skip
         return out
@@ -867,10 +871,7 @@ class ConsensusDetector:
                 "n_tests": self.n_tests_,
                 "contexts": [{"context": c[0], "size": len(c[1])} for c in contexts],
                 "too_large": bool(too_large),
-                "content_groups": [{"answer_token": t, "size": int(len(answer_groups[t])), "diversity_ratio": r,
-                                    "tested": bool(r >= self.min_content_ratio
-                                                   and len(answer_groups[t]) <= self.max_fraction * nv)}
-                                   for t, r in self.content_ratios_.items()],
+                "content_groups": self.content_groups_,
                 "content_threshold": float(self.min_content_ratio),
                 "content_note": self.content_note_,
                 "left_out": rows.left_out,
