@@ -280,7 +280,7 @@ def _empty_shapes(
     if hidden:
         shapes["hidden"] = (int(tcfg.hidden_size),)
     if image_emb:
-        shapes["image_embedding"] = (int(model.config.vision_config.hidden_size),)
+        shapes["image_embedding"] = (_vision_size(model),)
     return shapes
 
 
@@ -314,43 +314,34 @@ def _check_image_embeddings(model: torch.nn.Module) -> None:
         )
 
 
-def _projector(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that maps the vision tower's features into the text decoder (``multi_modal_projector``)."""
-    inner = _decoder_inputs_model(model)
-    proj = getattr(inner, "multi_modal_projector", None) or getattr(model, "multi_modal_projector", None)
-    if not isinstance(proj, torch.nn.Module):
-        raise NotImplementedError(
-            f"image_embeddings=True: {type(model).__name__} has no multi_modal_projector (LLaVA-1.5 style models only)"
-        )
-    return proj
+def _vision_size(model: torch.nn.Module) -> int:
+    """Width of the vision features the projector reads (one int ``vision_feature_layer``)."""
+    return int(model.config.vision_config.hidden_size)
 
 
 @contextlib.contextmanager
 def _projector_inputs(model: torch.nn.Module, store: list) -> Iterator[None]:
-    """Append what the projector reads (the vision features) to ``store`` while active."""
+    """Append what the projector reads (the vision features) to ``store`` while active
+    (:func:`_check_image_embeddings` has vouched for a LLaVA ``multi_modal_projector``)."""
 
     def pre_hook(module, args, kwargs):
         store.append(args[0] if args else next(iter(kwargs.values())))
 
-    handle = _projector(model).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    projector = _decoder_inputs_model(model).multi_modal_projector
+    handle = projector.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
 
 
-def vision_features_reference(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def _vision_features_reference(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The slow twin of the projector's input: ``hidden_states[vision_feature_layer]`` of the whole
     vision tower (every layer run), without the CLS token under the "default" strategy (LLaVA-1.5)."""
-    inner = _decoder_inputs_model(model)
     cfg = model.config
-    layer = getattr(cfg, "vision_feature_layer", None)
-    if not isinstance(layer, int) or getattr(inner, "vision_tower", None) is None:
-        raise NotImplementedError(
-            f"image_embeddings=True: {type(model).__name__} is not a LLaVA-1.5-style model (one int vision_feature_layer)"
-        )
-    hs = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
-    return hs[:, 1:] if getattr(cfg, "vision_feature_select_strategy", "default") == "default" else hs
+    hs = _decoder_inputs_model(model).vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    feats = hs[cfg.vision_feature_layer]
+    return feats[:, 1:] if getattr(cfg, "vision_feature_select_strategy", "default") == "default" else feats
 
 
 def _answer_signals(
@@ -433,7 +424,7 @@ class _FusedScorer:
     ) -> None:
         self.model = model
         self.image_emb = image_emb
-        self.vision_size = int(model.config.vision_config.hidden_size) if image_emb else 0
+        self.vision_size = _vision_size(model) if image_emb else 0
         self.inner = _decoder_inputs_model(model)
         self.n_layers = int(text_config(model).num_hidden_layers)
         self.answers = answers
@@ -863,9 +854,8 @@ def _reference_local(
             stats = _stats_from_maps(attentions, batch.qpos, batch.image_mask & batch.key_valid, topk)
             if image_emb:
                 pv = batch.inputs.get("pixel_values")
-                feats = None if pv is None else vision_features_reference(model, pv)
-                size = int(model.config.vision_config.hidden_size)
-                stats["image_embedding"] = _row_means(feats, batch.image_mask, size)
+                feats = None if pv is None else _vision_features_reference(model, pv)
+                stats["image_embedding"] = _row_means(feats, batch.image_mask, _vision_size(model))
             if answers:
                 r = torch.arange(batch.size, device=batch.qpos.device)
                 logits = out.logits[r, batch.qpos].double()

@@ -123,10 +123,14 @@ class Cell:
 
     def load_model(self):
         """The model fine-tuned on the cell's data, and its processor (from ``model/``)."""
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        return _load_model(self.folder)
 
-        path = self.folder / "model"
-        return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+def _load_model(folder: Path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = folder / "model"
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
 def _finetune_options(spec: CellSpec) -> dict:
@@ -230,10 +234,7 @@ def _score_cell(folder: Path, batch_size: int, progress: bool, model=None, proce
     """Score the cell's training data with its fine-tuned model (loaded from ``model/`` if not given)
     and save ``scores.npz``: every field, the hidden state and the image embedding included."""
     if model is None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(folder / "model").eval()
-        processor = AutoProcessor.from_pretrained(folder / "model")
+        model, processor = _load_model(folder)
     data = folder / "data"
     loader = make_loader(data / "train.json", data / "images", processor, batch_size=batch_size)
     scores = bye_fast.score(model, loader, progress=progress, hidden_states=True, image_embeddings=True)
