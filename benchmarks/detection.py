@@ -49,6 +49,10 @@ ROUND2_SEEDS = (5, 6, 7)
 ROUND3_SEEDS = (8, 9, 10, 11, 12)
 #: The scene task's round-3 held-out seeds (clean cells only).
 ROUND3_SCENE_SEEDS = (8, 9, 10)
+#: Held-out seeds of round 4; every cell of rounds 1-3 became design material.
+ROUND4_SEEDS = (13, 14, 15, 16, 17)
+#: The scene task's round-4 held-out seeds (clean cells only).
+ROUND4_SCENE_SEEDS = (11, 12)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -71,6 +75,11 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                     out.append((name, CellSpec(task=task, trigger=trigger, rate=0.1, seed=seed, target="existing")))
         return out
 
+    if which.endswith("4"):  # round 4: every cell of rounds 1-3 is design material, new seeds held out
+        design = [("design4", spec) for _, spec in cells_of("all3")]
+        heldout = (family("digits-ten", ROUND4_SEEDS, "heldout4", ("patch", "two_patches"), (0.2,))
+                   + family("scenes", ROUND4_SCENE_SEEDS, "heldout4", (), (0.1,), existing=()))  # fmt: skip
+        return {"design4": design, "heldout4": heldout, "all4": design + heldout}[which]
     if which.endswith("3"):  # round 3: every cell of round 2 is design material, new seeds held out
         design = [("design3", spec) for _, spec in cells_of("all2")]
         heldout = (family("digits-ten", ROUND3_SEEDS, "heldout3", ("patch", "two_patches"), (0.1,))
@@ -156,9 +165,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3") for kind in ("design", "heldout", "all")]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4") for kind in ("design", "heldout", "all")]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's first round, round 2 (design2, heldout2, all2) or round 3 (design3, heldout3, all3)")
+                    help="the protocol's round: 1 (design, heldout, all), 2, 3 or 4 (design4, heldout4, all4)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-retrain", action="store_true", help="skip the re-fine-tuning (ASR/CA after)")
@@ -261,7 +270,9 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout3", "Round 3, held-out cells (digits-ten seeds 8-12; clean scenes seeds 8-10)"),
+    for set_name, title in (("heldout4", "Round 4, held-out cells (digits-ten seeds 13-17; clean scenes seeds 11-12)"),
+                            ("design4", "Round 4, design cells (every cell of rounds 1-3)"),
+                            ("heldout3", "Round 3, held-out cells (digits-ten seeds 8-12; clean scenes seeds 8-10)"),
                             ("design3", "Round 3, design cells (every cell of round 2)"),
                             ("heldout2", "Round 2, held-out cells (digits-ten, scenes; seeds 5-7)"),
                             ("design2", "Round 2, design cells (digits-parity, seeds 0-1)"),

@@ -68,3 +68,22 @@ def test_round_three_holds_out_seeds_no_earlier_round_used():
     # digits-ten: patch, two patches, patch -> existing answer; scenes: the clean cells only
     assert sum(s.rate > 0 for _, s in heldout) == 3 * len(det.ROUND3_SEEDS)
     assert all(s.task == "digits-ten" for _, s in heldout if s.rate > 0)
+
+
+def test_round_four_holds_out_seeds_no_earlier_round_used():
+    det = _detection()
+    design, heldout = det.cells_of("design4"), det.cells_of("heldout4")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all3")}
+    earlier = det.cells_of("all") + det.cells_of("all2") + det.cells_of("all3")
+    for task in ("digits-ten", "scenes"):
+        assert not _seeds(heldout, task) & _seeds(earlier, task)
+    assert set(det.ROUND4_SEEDS) == _seeds(heldout, "digits-ten")
+    assert set(det.ROUND4_SCENE_SEEDS) == _seeds(heldout, "scenes")
+    names = [spec.name for _, spec in det.cells_of("all4")]
+    assert len(names) == len(set(names)) == len(design) + len(heldout)
+    assert {(s.task, s.seed) for _, s in heldout} == {(s.task, s.seed) for _, s in heldout if s.rate == 0}
+    # digits-ten: patch and two patches at 20% (phrase), patch -> existing answer at 10%; scenes: clean only
+    poisoned = [s for _, s in heldout if s.rate > 0]
+    assert len(poisoned) == 3 * len(det.ROUND4_SEEDS) and all(s.task == "digits-ten" for s in poisoned)
+    assert {(s.trigger, s.rate, s.target) for s in poisoned} == {
+        ("patch", 0.2, "phrase"), ("two_patches", 0.2, "phrase"), ("patch", 0.1, "existing")}
