@@ -314,6 +314,46 @@ def _separation(y: np.ndarray, cut: float) -> float:
     return gap / ref if ref > 0 else float("inf")
 
 
+def nearest_neighbours(
+    x: np.ndarray, rows: np.ndarray, ref: np.ndarray, k: int, chunk: int = 2048
+) -> np.ndarray:
+    """For each of ``x[rows]``: the positions (into ``ref``) of its ``k`` nearest rows of ``x[ref]``
+    (squared Euclidean distance), itself excluded when it is one of them. Brute force in float32,
+    ``chunk`` rows at a time: the (chunk x len(ref)) distance block is the only large temporary and
+    the k smallest of each row are taken with ``torch.topk`` (several times faster than
+    ``np.argpartition`` on wide rows), on data centred at the reference's mean. Exact up to float32
+    rounding of near-ties; the float64 twin is :func:`nearest_neighbours_reference`."""
+    import torch
+
+    xref = np.asarray(x[ref], dtype=np.float64)
+    centre = xref.mean(axis=0)  # centred: float32 distances then lose less to cancellation
+    xref = np.ascontiguousarray(xref - centre, dtype=np.float32)
+    ref_sq = np.einsum("ij,ij->i", xref, xref)
+    pos = np.searchsorted(ref, rows) if np.all(ref[:-1] < ref[1:]) else None
+    out = np.empty((len(rows), k), dtype=np.int64)
+    for s0 in range(0, len(rows), chunk):
+        r = rows[s0 : s0 + chunk]
+        d = np.asarray(x[r] - centre, dtype=np.float32) @ xref.T
+        d *= -2.0
+        d += ref_sq[None, :]
+        if pos is not None:  # not its own neighbour
+            p = np.minimum(pos[s0 : s0 + chunk], len(ref) - 1)
+            hit = ref[p] == r
+            d[np.nonzero(hit)[0], p[hit]] = np.inf
+        else:
+            d[ref[None, :] == r[:, None]] = np.inf
+        out[s0 : s0 + len(r)] = torch.topk(torch.from_numpy(d), k, dim=1, largest=False, sorted=False).indices.numpy()
+    return out
+
+
+def nearest_neighbours_reference(x: np.ndarray, rows: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
+    """The slow twin of :func:`nearest_neighbours`: float64, every distance, a stable sort."""
+    x = np.asarray(x, dtype=np.float64)
+    d = ((x[rows][:, None, :] - x[ref][None, :, :]) ** 2).sum(-1)
+    d[ref[None, :] == rows[:, None]] = np.inf
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
 def _robust_z(x: np.ndarray) -> np.ndarray:
     med = np.median(x, axis=0)
     mad = 1.4826 * np.median(np.abs(x - med), axis=0)
@@ -654,21 +694,14 @@ class ConsensusDetector:
         ]
         rng = np.random.default_rng(0)
         ref = np.arange(nv) if nv <= self.knn_reference else np.sort(rng.choice(nv, self.knn_reference, replace=False))
-        xref = rows64(ref)
-        ref_sq = (xref**2).sum(axis=1)
         k = min(int(self.n_neighbors), len(ref) - 1)
         out = []
         for t in tested if k >= 1 else []:
             g = index[t]
             in_group = np.zeros(nv, bool)
             in_group[g] = True
-            outside = np.empty(len(g))
-            for s0 in range(0, len(g), 1024):  # (chunk x reference) distances at a time
-                rows = g[s0 : s0 + 1024]
-                d = ref_sq[None, :] - 2.0 * rows64(rows) @ xref.T
-                d[ref[None, :] == rows[:, None]] = np.inf  # not its own neighbour
-                near = np.argpartition(d, k - 1, axis=1)[:, :k]
-                outside[s0 : s0 + len(rows)] = 1.0 - in_group[ref[near]].mean(axis=1)
+            near = nearest_neighbours(emb, vidx[g], vidx[ref], k)
+            outside = 1.0 - in_group[ref[near]].mean(axis=1)
             flagged = outside > 0.5
             if flagged.sum() < self.min_cluster:  # a diverse group whose members look like their group
                 continue

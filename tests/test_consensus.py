@@ -8,7 +8,14 @@ import pytest
 
 import bye_fast
 from bye_fast import Scores
-from bye_fast.consensus import ConsensusDetector, size_grid, valley_scan, valley_scan_reference
+from bye_fast.consensus import (
+    ConsensusDetector,
+    nearest_neighbours,
+    nearest_neighbours_reference,
+    size_grid,
+    valley_scan,
+    valley_scan_reference,
+)
 from bye_fast.detect import Detection
 
 
@@ -327,3 +334,18 @@ def test_a_diverse_group_whose_members_look_like_each_other_is_left_alone():
     ratio = {g["answer_token"]: g for g in det.details["content_groups"]}[99]
     assert ratio["tested"] and ratio["diversity_ratio"] >= det.details["content_threshold"]
     assert not det.flagged.any() and not det.details["clusters"], det.reason
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nearest_neighbours_match_their_float64_twin(seed, dtype):
+    rng = np.random.default_rng(seed)
+    n, dim = 700, 48
+    x = (rng.normal(size=(n, dim)) + 20.0 * rng.normal(size=(1, dim))).astype(dtype)  # far from the origin
+    ref = np.sort(rng.choice(n, 400, replace=False))
+    rows = np.sort(rng.choice(n, 150, replace=False))  # some rows are in ref (not their own neighbour)
+    fast = nearest_neighbours(x, rows, ref, 7, chunk=64)
+    slow = nearest_neighbours_reference(x, rows, ref, 7)
+    assert fast.shape == slow.shape == (150, 7)
+    np.testing.assert_array_equal(np.sort(fast, axis=1), np.sort(slow, axis=1))
+    assert not (ref[fast] == rows[:, None]).any()
