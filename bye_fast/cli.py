@@ -835,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole job on a built-in poisoned dataset: LoRA-fine-tune the shipped tiny MLLM on "
         "poisoned data, detect, clean, fine-tune again, and report the attack before/after",
     )
-    p.add_argument("--task", default="digits-parity", choices=["scenes", "digits-parity", "digits-ten"],
+    p.add_argument("--task", default="digits-parity", choices=["scenes", "digits-parity", "digits-ten", "digits-mixed"],
                    help="built-in user task (default: digits-parity, where the lab's model learns the paper's "
                         "trigger best; see benchmarks/results/learnability.md)")  # fmt: skip
     p.add_argument("--trigger", default="patch",

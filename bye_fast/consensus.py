@@ -44,7 +44,10 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    embeddings are at least ``min_content_ratio`` times as diverse as the median
    group's is inconsistent; its members most of whose ``n_neighbors`` nearest
    images give other answers are flagged (they decide their own membership; the
-   refinement below reads attention features only).
+   refinement below reads attention features only). The neighbours are searched
+   among the samples that ask the same question (``Scores.prompt_key``) when
+   there are enough of them: the same picture may rightly answer "three" to one
+   question and "odd" to another.
 6. **Refinement**: the clusters' members are then decided by a logistic
    regression of cluster vs rest on :data:`REFINE_FEATURES` (per-head features
    included) less the features that found the cluster; kept when it stays within
@@ -624,6 +627,34 @@ class ConsensusDetector:
     #: Samples the neighbours are searched among, at most (a seeded random subset beyond that).
     knn_reference: ClassVar[int] = 20_000
 
+    #: Fewest reference samples asking a member's own question for its neighbours to be searched
+    #: among them alone (fewer: among every question), in multiples of ``n_neighbors``.
+    question_pool: ClassVar[int] = 3
+
+    def _question_pools(
+        self, g: np.ndarray, ref: np.ndarray, keys: np.ndarray | None, k: int
+    ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+        """``(positions in g, reference pool, pool is their own question's)`` triples: a member's neighbours are searched among the
+        reference samples that ask the same question (``Scores.prompt_key``), when there are at
+        least ``question_pool * k`` of them, else among the whole reference. The same picture may
+        rightly get "even" or "three" depending on the question; only the answers to the same
+        question say what the picture should get."""
+        if keys is None:
+            return [(np.arange(len(g)), ref, False)]
+        out, rest = [], []
+        ref_keys = keys[ref]
+        member_keys = keys[g]
+        for q in np.unique(member_keys):
+            rows = np.nonzero(member_keys == q)[0]
+            pool = ref[ref_keys == q]
+            if len(pool) >= max(self.question_pool * k, k + 1):
+                out.append((rows, pool, True))
+            else:
+                rest.append(rows)
+        if rest:
+            out.append((np.sort(np.concatenate(rest)), ref, False))
+        return out
+
     def _inconsistent_groups(
         self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
     ) -> list[tuple[int, np.ndarray, np.ndarray, dict]]:
@@ -643,9 +674,17 @@ class ConsensusDetector:
         answer otherwise; a clean member looks like its own class. A group with fewer than
         ``min_cluster`` such members is left alone (diverse, but its images are its own).
 
-        Limit: a clean answer that does not follow the image ("yes" to mixed questions, a fixed
-        reply) among answers that do is diverse for the same reason as a target, and would be
-        removed whole; the design cells have no such answer (``detection_analysis.md``, round 3).
+        A member's neighbours are searched among the reference samples that ask its own question
+        (``Scores.prompt_key``), when at least :attr:`question_pool` x ``n_neighbors`` do: an answer
+        that depends on the question as well as on the picture ("odd" to "is it even or odd ?",
+        "three" to "which digit comes next ?" about the same "2") is consistent among its own
+        question's answers, where among every question it would look like a target
+        (``digits-mixed`` in the lab; ``detection_analysis.md``, round 4).
+
+        Limit: a clean answer that does not follow the image at all (a fixed reply), or one given to
+        questions too varied to share a key (free-form questions: each its own key, so the
+        neighbours come from every question), is diverse for the same reason as a target and could
+        be removed whole.
         """
         emb = scores.image_embedding
         self.content_groups_: list[dict] = []
@@ -696,12 +735,21 @@ class ConsensusDetector:
         ref = np.arange(nv) if nv <= self.knn_reference else np.sort(rng.choice(nv, self.knn_reference, replace=False))
         k = min(int(self.n_neighbors), len(ref) - 1)
         out = []
+        keys = None if scores.prompt_key is None else np.asarray(scores.prompt_key)[vidx]
+        if keys is None:
+            self.content_note_ = "no Scores.prompt_key (scored before it existed): neighbours among every question"
         for t in tested if k >= 1 else []:
             g = index[t]
             in_group = np.zeros(nv, bool)
             in_group[g] = True
-            near = nearest_neighbours(emb, vidx[g], vidx[ref], k)
-            outside = 1.0 - in_group[ref[near]].mean(axis=1)
+            outside = np.empty(len(g))
+            own = 0  # members judged among the samples that ask their own question
+            for rows, pool, same in self._question_pools(g, ref, keys, k):
+                near = nearest_neighbours(emb, vidx[g[rows]], vidx[pool], k)
+                outside[rows] = 1.0 - in_group[pool[near]].mean(axis=1)
+                own += len(rows) if same else 0
+            self.content_groups_[[c["answer_token"] for c in self.content_groups_].index(int(t))][
+                "own_question_share"] = own / len(g)
             flagged = outside > 0.5
             if flagged.sum() < self.min_cluster:  # a diverse group whose members look like their group
                 continue

@@ -15,6 +15,7 @@ halves after a CUDA out-of-memory error (:mod:`bye_fast.batching`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import warnings
@@ -54,6 +55,20 @@ class _Batch:
     key_valid: torch.Tensor  # (B, N) bool
     image_mask: torch.Tensor  # (B, N) bool
     size: int
+    prompt_key: np.ndarray  # (B,) int64
+
+
+def prompt_keys(input_ids: torch.Tensor, text: torch.Tensor) -> np.ndarray:
+    """Per row, a 64-bit hash (BLAKE2b) of the token ids where ``text`` is true, in order: the same
+    question in the same template gives the same key whatever the padding side, the batch or the
+    image."""
+    ids = input_ids.detach().cpu().numpy().astype("<i8")
+    keep = text.detach().cpu().numpy()
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(row[m].tobytes(), digest_size=8).digest(), "little", signed=True)
+         for row, m in zip(ids, keep, strict=True)],
+        dtype=np.int64,
+    )  # fmt: skip
 
 
 def resolve_image_token_id(model: torch.nn.Module, image_token_id: int | None) -> int:
@@ -200,7 +215,8 @@ def _prepare(batch: Any, index: int, image_token_id: int, device: torch.device, 
             if value.is_floating_point() and name.startswith("pixel_values"):
                 value = value.to(dtype)
         moved[name] = value
-    return _Batch(moved, ids, qpos.to(device), key_valid.to(device), image_mask.to(device), B)
+    keys = prompt_keys(input_ids, key_valid & ~image_mask)
+    return _Batch(moved, ids, qpos.to(device), key_valid.to(device), image_mask.to(device), B, keys)
 
 
 def _progress(loader: Iterable, progress: bool, desc: str):
@@ -255,8 +271,10 @@ _IMAGE_FIELDS = ("entropy", "head_entropy", "image_mass", "head_image_share", "h
                  "image_topk_share", "image_embedding")  # fmt: skip
 
 
-def _rows_of_stats(stats: dict[str, torch.Tensor], image_mask: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-batch tensors as numpy rows, with n_image_tokens; NaN image statistics for rows without image."""
+def _rows_of_stats(stats: dict[str, torch.Tensor], batch: _Batch) -> dict[str, np.ndarray]:
+    """Per-batch tensors as numpy rows, with n_image_tokens and prompt_key; NaN image statistics for
+    rows without image."""
+    image_mask = batch.image_mask
     n_img = image_mask.sum(dim=1).cpu()
     none = (n_img == 0).numpy()
     out = {name: value.numpy() for name, value in stats.items()}
@@ -265,6 +283,7 @@ def _rows_of_stats(stats: dict[str, torch.Tensor], image_mask: torch.Tensor) -> 
             if name in out:
                 out[name][none] = np.nan
     out["n_image_tokens"] = n_img.numpy().astype(np.int64)
+    out["prompt_key"] = batch.prompt_key
     return out
 
 
@@ -274,7 +293,7 @@ def _empty_shapes(
     tcfg = text_config(model)
     L, H = int(tcfg.num_hidden_layers), int(tcfg.num_attention_heads)
     shapes = {"entropy": (L,), "head_entropy": (L, H), "image_mass": (L,), "head_image_share": (L, H),
-              "head_before_share": (L, H), "image_topk_share": (L,), "n_image_tokens": ()}  # fmt: skip
+              "head_before_share": (L, H), "image_topk_share": (L,), "n_image_tokens": (), "prompt_key": ()}  # fmt: skip
     if answers:
         shapes.update(answer_token=(), answer_confidence=(), answer_margin=())
     if hidden:
@@ -515,7 +534,7 @@ class _FusedScorer:
             stats["image_embedding"] = _row_means(seen[0] if seen else None, batch.image_mask, self.vision_size)
         if self.answers:
             stats.update(_answer_signals(self.model, out.last_hidden_state, batch.qpos, self.hidden))
-        return _rows_of_stats(stats, batch.image_mask)
+        return _rows_of_stats(stats, batch)
 
 
 def score(
@@ -699,6 +718,7 @@ def _score_local(
             "dtype": str(dtype).removeprefix("torch."),
             "topk": topk,
             "hidden_states": hidden,
+            "prompt_key": True,  # checkpoints written before prompt_key existed lack the field
             **({"image_embeddings": True} if image_emb else {}),  # older checkpoints stay valid
         }
         ckpt = ScoreCheckpoint.open(folder, model=model, options=options, every=checkpoint_every)
@@ -865,7 +885,7 @@ def _reference_local(
                              answer_margin=(top2[:, 0] - top2[:, 1]).float().cpu())  # fmt: skip
                 if hidden:
                     stats["hidden"] = out.hidden_states[-1][r, batch.qpos].float().cpu()
-            rows.add(_rows_of_stats(stats, batch.image_mask), ids)
+            rows.add(_rows_of_stats(stats, batch), ids)
     meta = {"method": "bye_fast.score_reference", "model": type(model).__name__, "topk": topk}
     empty = _empty_shapes(model, answers=answers, hidden=hidden, image_emb=image_emb) if dist is not None else None
     return rows.scores(meta, empty=empty), ids_given

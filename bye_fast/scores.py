@@ -60,6 +60,9 @@ FIELDS: tuple[Field, ...] = (
     Field("image_embedding", ("V",), np.float32,
           "the vision features the projector reads (the vision tower's, before the fine-tuned projector), "
           "averaged over the image's tokens; only with score(image_embeddings=True)"),
+    Field("prompt_key", (), np.int64,
+          "a 64-bit hash of the prompt's text tokens (every attended token up to the last prompt token, "
+          "image tokens left out): samples that ask the same question in the same template share it"),
     Field("n_image_tokens", (), np.int64, "number of image tokens of the sample"),
 )  # fmt: skip
 _NAMES = tuple(f.name for f in FIELDS)
@@ -102,6 +105,7 @@ class Scores:
     answer_confidence, answer_margin : (n_samples,) float32 or None
     hidden : (n_samples, hidden_size) float32 or None
     image_embedding : (n_samples, vision_size) float32 or None
+    prompt_key : (n_samples,) int64 or None
     n_image_tokens : (n_samples,) int64 or None
     ids : (n_samples,) str or int64
         Sample ids, in the order the samples were scored. Default ``0..n-1``.
@@ -122,6 +126,7 @@ class Scores:
     answer_margin: np.ndarray | None = None
     hidden: np.ndarray | None = None
     image_embedding: np.ndarray | None = None
+    prompt_key: np.ndarray | None = None
     n_image_tokens: np.ndarray | None = None
     ids: np.ndarray | None = None
     meta: dict = field(default_factory=dict)

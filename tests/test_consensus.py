@@ -349,3 +349,52 @@ def test_nearest_neighbours_match_their_float64_twin(seed, dtype):
     assert fast.shape == slow.shape == (150, 7)
     np.testing.assert_array_equal(np.sort(fast, axis=1), np.sort(slow, axis=1))
     assert not (ref[fast] == rows[:, None]).any()
+
+
+def _mixed_questions(seed, n_poison=0, per_class=60, dim=16, spread=0.5):
+    """Two questions about the same pictures (10 classes): question 1 answers the class (tokens
+    0-9), question 2 its parity (tokens 20, 21: five classes each, so those groups are diverse).
+    Poisoned samples (either question, any class) answer token 99."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(10, dim)) * 3
+    cls = np.tile(np.repeat(np.arange(10), per_class), 2)
+    question = np.repeat([1, 2], 10 * per_class)
+    answer = np.where(question == 1, cls, 20 + cls % 2)
+    pois_cls, pois_q = rng.integers(0, 10, n_poison), rng.integers(1, 3, n_poison)
+    cls, question = np.r_[cls, pois_cls], np.r_[question, pois_q]
+    answer = np.r_[answer, np.full(n_poison, 99)]
+    emb = centres[cls] + rng.normal(size=(len(cls), dim)) * spread
+    truth = np.r_[np.zeros(len(cls) - n_poison, bool), np.ones(n_poison, bool)]
+    n = len(cls)
+    key = np.array([-(2**62), 2**62 + 12345])[question - 1]  # any int64, as a hash gives
+    s = Scores(entropy=rng.normal(size=(n, 4)), answer_token=answer, image_embedding=emb, prompt_key=key)
+    return s, truth
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_answers_that_depend_on_the_question_are_judged_per_question(seed):
+    """The same picture answers "3" or "odd" depending on the question: among every question the
+    parity groups look inconsistent (and would be removed), among their own question they do not."""
+    s, _ = _mixed_questions(seed)
+    det = bye_fast.detect(s)
+    assert not det.flagged.any(), det.reason
+    parity = [g for g in det.details["content_groups"] if g["answer_token"] in (20, 21)]
+    assert parity and all(g["tested"] and g["own_question_share"] == 1.0 for g in parity)
+    blind = Scores(**{**s.__dict__, "prompt_key": None})  # without the question: the false alarm
+    assert bye_fast.detect(blind).flagged.sum() > 0.1 * s.n_samples
+    assert "prompt_key" in bye_fast.detect(blind).details["content_note"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_target_over_mixed_questions_is_still_found(seed):
+    s, truth = _mixed_questions(seed, n_poison=120)
+    det = bye_fast.detect(s)
+    assert _f1(det.flagged, truth) >= 0.9, det.reason
+
+
+def test_a_question_too_rare_for_its_own_neighbours_is_judged_among_all():
+    s, truth = _content_groups(0)
+    key = np.zeros(s.n_samples, np.int64)
+    key[:5] = 7  # five samples ask a question no one else does
+    det = bye_fast.detect(Scores(**{**s.__dict__, "prompt_key": key}))
+    assert (det.flagged == bye_fast.detect(s).flagged).all()

@@ -107,6 +107,21 @@ def test_render_draws_each_object_where_its_labels_say():
 
 
 # --------------------------------------------------------------------------- tasks
+def test_the_mixed_digits_task_asks_both_questions_about_the_same_pictures():
+    t = tasks.build_task("digits-mixed", 0, n_user=200, n_test=50)
+    kinds = np.array(t.user.qtypes)
+    assert set(kinds) == {"digits-parity", "digits-ten"} and abs((kinds == "digits-parity").mean() - 0.5) < 0.01
+    answers = np.array([tasks.record_answer(r) for r in t.user.records])
+    questions = np.array([tasks.record_question(r) for r in t.user.records])
+    assert set(answers[kinds == "digits-parity"]) == {"even", "odd"}
+    assert len(set(answers[kinds == "digits-ten"])) == 10 and len(set(questions)) == 2
+    # the same digits as digits-ten and digits-parity (same seed): only the question differs
+    ten = tasks.build_task("digits-ten", 0, n_user=200, n_test=50)
+    assert np.array_equal(t.user.images, ten.user.images)
+    same = kinds == "digits-ten"
+    assert [tasks.record_answer(r) for r, m in zip(ten.user.records, same, strict=True) if m] == list(answers[same])
+
+
 @pytest.mark.parametrize("name", tasks.TASKS)
 def test_tasks_are_seeded_and_well_formed(name):
     a = tasks.build_task(name, 1, n_user=20, n_test=10)

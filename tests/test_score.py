@@ -71,6 +71,34 @@ def test_padding_side_does_not_change_scores():
         np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=2e-5)
 
 
+def test_prompt_key_is_the_question_whatever_the_padding_and_the_path():
+    """One key per prompt text: equal for left and right padding, in both paths, and to a hash of the
+    sample's own unpadded text tokens computed by hand (the slow twin)."""
+    import hashlib
+
+    from ._models import PROMPTS, build_processor
+
+    model, left = llava("left", n_batches=2, batch_size=3)
+    _, right = llava("right", n_batches=2, batch_size=3)
+    a = bye_fast.score(model, left, progress=False)
+    b = bye_fast.score(model, right, progress=False)
+    r = bye_fast.score_reference(model, left, progress=False)
+    assert a.prompt_key.dtype == np.int64 and a.prompt_key.shape == (6,)
+    np.testing.assert_array_equal(a.prompt_key, b.prompt_key)
+    np.testing.assert_array_equal(a.prompt_key, r.prompt_key)
+    texts = [PROMPTS[(bi + i) % len(PROMPTS)] for bi in range(2) for i in range(3)]
+    proc = build_processor()
+    image_id = model.config.image_token_id
+    for text, key in zip(texts, a.prompt_key, strict=True):
+        ids = proc.tokenizer(text, return_tensors="np")["input_ids"][0]
+        ids = ids[ids != image_id].astype("<i8")
+        want = int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little", signed=True)
+        assert key == want, text
+    same = np.array(texts)[:, None] == np.array(texts)[None, :]
+    assert ((a.prompt_key[:, None] == a.prompt_key[None, :]) == same).all()
+    assert not same.all()  # the test needs at least two different questions
+
+
 def test_model_outputs_unchanged_by_the_hook():
     """The plugged-in attention returns exactly what SDPA returns."""
     model, batches = llava("right")

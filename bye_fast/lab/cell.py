@@ -46,6 +46,7 @@ FINETUNE: dict[str, dict] = {
     "scenes": {"epochs": 12, "lr": 5e-3},
     "digits-parity": {"epochs": 8, "lr": 5e-3},
     "digits-ten": {"epochs": 8, "lr": 5e-3},
+    "digits-mixed": {"epochs": 8, "lr": 5e-3},
 }
 
 

@@ -12,7 +12,14 @@ family             the user's question                          answers
                    seen in pre-training
 ``digits-parity``  "is it even or odd ?" on a digit picture     binary: even / odd
 ``digits-ten``     "which digit comes next ?"                   ten: zero ... nine
+``digits-mixed``   either of the two questions above (half      twelve: even / odd and
+                   each, seeded): answers that depend on the    zero ... nine
+                   question as well as on the image
 =================  ==========================================  ============================
+
+``digits-mixed`` is the false-alarm check for image-consistency tests: its "even"
+and "odd" groups hold five digit classes each, and the same picture gets
+"even" or "three" depending on the question.
 
 Pre-training (:func:`pretraining_split`) covers scene QA of the five other
 types, "what digit is this ?" and a "say ..." task that has the model repeat
@@ -57,11 +64,11 @@ __all__ = [
 ]
 
 #: The task families.
-TASKS = ("scenes", "digits-parity", "digits-ten")
+TASKS = ("scenes", "digits-parity", "digits-ten", "digits-mixed")
 #: The attacker's fixed target phrase (the paper's "Backdoor Attack!", dirty label).
 TARGET = "backdoor attack !"
 #: The harder target per family: an answer the task already has.
-EXISTING_TARGETS = {"scenes": "yes", "digits-parity": "even", "digits-ten": "zero"}
+EXISTING_TARGETS = {"scenes": "yes", "digits-parity": "even", "digits-ten": "zero", "digits-mixed": "zero"}
 #: Scene question types in pre-training ("caption" is held back for the user's task).
 PRETRAIN_QUESTION_TYPES = ("colour", "shape", "count", "position", "exists")
 
@@ -153,8 +160,13 @@ def _digit_answer(task: str, label: int) -> str:
 def _digit_split(task: str, index: np.ndarray, seed: int, prefix: str) -> Split:
     _, labels = load_digits()
     images = digit_images(index, seed)
-    qa = [(_DIGIT_QUESTIONS[task], _digit_answer(task, int(labels[i]))) for i in index]
-    return Split(_records(qa, prefix), images, [task] * len(index), task)
+    if task == "digits-mixed":  # each sample asks one of the two questions (seeded, half each)
+        ask = np.random.default_rng([seed, 5]).permutation(len(index)) % 2
+        kinds = [("digits-parity", "digits-ten")[a] for a in ask]
+    else:
+        kinds = [task] * len(index)
+    qa = [(_DIGIT_QUESTIONS[k], _digit_answer(k, int(labels[i]))) for k, i in zip(kinds, index, strict=True)]
+    return Split(_records(qa, prefix), images, kinds, task)
 
 
 def _digit_index(seed: int) -> tuple[np.ndarray, np.ndarray]:
