@@ -32,8 +32,8 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
 3. **Consensus**: in each context, the significant features whose tail sets
    overlap the most significant one's (Jaccard >= 1/2) form a block; a sample is
    in the cluster when at least half of the block's features put it in their tail.
-4. **Collapsed answer groups**: an answer group (at most ``max_fraction`` of the
-   samples) whose interquartile range in some feature of :data:`GROUP_FEATURES`
+4. **Collapsed answer groups**: an answer group (40 samples or more, at most
+   ``max_fraction`` of the samples) whose interquartile range in some feature of :data:`GROUP_FEATURES`
    (per-layer and per-head entropy, top-k share) is at most ``max_group_spread``
    of the other groups' median, one interquartile range or more away from the
    rest, is a cluster as a whole.
@@ -47,7 +47,9 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    refinement below reads attention features only). The neighbours are searched
    among the samples that ask the same question (``Scores.prompt_key``) when
    there are enough of them: the same picture may rightly answer "three" to one
-   question and "odd" to another.
+   question and "odd" to another. A group is kept only when it has significantly
+   more such members than the groups not tested have (the rate at which the
+   embedding alone misleads the vote; binomial test at ``alpha``).
 6. **Refinement**: the clusters' members are then decided by a logistic
    regression of cluster vs rest on :data:`REFINE_FEATURES` (per-head features
    included) less the features that found the cluster; kept when it stays within
@@ -564,6 +566,11 @@ class ConsensusDetector:
                 list(pool.map(run, jobs))
         return out
 
+    #: Fewest samples of an answer group the collapsed test judges: a smaller group's quartiles are too
+    #: noisy (over rounds 1-4, clean groups under 40 samples reached 0.05 of the others' spread in one
+    #: head; none of 40 or more went below 0.16; every poisoned group found this way had 55 or more).
+    min_collapsed_group: ClassVar[int] = 40
+
     def _collapsed_groups(
         self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
     ) -> list[tuple[int, np.ndarray, dict]]:
@@ -571,17 +578,17 @@ class ConsensusDetector:
 
         A target answer the model learned to give to triggered images makes its own answer group
         (``Scores.answer_token``), and the model attends to all of them alike. A group (of at least
-        ``min_group`` and at most ``max_fraction`` of the samples) is collapsed when, in some feature
-        of ``group_features``, its interquartile range is at most ``max_group_spread`` of the median
-        interquartile range of the other groups, and its median lies at least one interquartile
-        range of the rest away from the rest's median. Features in which the other groups are
+        :attr:`min_collapsed_group` samples and at most ``max_fraction`` of them) is collapsed when,
+        in some feature of ``group_features``, its interquartile range is at most
+        ``max_group_spread`` of the median interquartile range of the other groups, and its median
+        lies at least one interquartile range of the rest away from the rest's median. Features in which the other groups are
         themselves collapsed (IQR ~ 0: values piled at a bound) are not used.
         """
         if not self.group_features or len(index) < 2:
             return []
         nv = int(valid.sum())
         big = list(index)
-        candidates = [t for t in big if len(index[t]) <= self.max_fraction * nv]
+        candidates = [t for t in big if self.min_collapsed_group <= len(index[t]) <= self.max_fraction * nv]
         if not candidates:
             return []
         cols = FeatureColumns(scores, tuple(self.group_features))
@@ -655,6 +662,33 @@ class ConsensusDetector:
             out.append((np.sort(np.concatenate(rest)), ref, False))
         return out
 
+    #: Members of the consistent groups whose neighbours give the background rate, at most.
+    background_rows: ClassVar[int] = 2_000
+
+    def _background_rate(
+        self, emb, vidx: np.ndarray, index: dict[int, np.ndarray], tested: list, ref: np.ndarray,
+        keys: np.ndarray | None, k: int,
+    ) -> float | None:
+        """Share of the members of the groups NOT tested (answers that follow the image) whose
+        neighbours mostly give another answer: how often the image embedding alone misleads the
+        neighbour vote (similar-looking classes). A tested group is kept only when it has
+        significantly more such members than this rate predicts (one-sided binomial test at
+        ``alpha``, Bonferroni over the tested groups); None when no group is left to measure it."""
+        rest = [t for t in index if t not in tested]
+        if not rest:
+            return None
+        owner = np.full(len(vidx), -1, dtype=np.int64)
+        for t in index:
+            owner[index[t]] = t
+        pool = np.sort(np.concatenate([index[t] for t in rest]))
+        rng = np.random.default_rng(1)
+        pool = np.sort(rng.choice(pool, self.background_rows, replace=False)) if len(pool) > self.background_rows else pool
+        misled = np.empty(len(pool), bool)
+        for rows, refs, _ in self._question_pools(pool, ref, keys, k):
+            near = nearest_neighbours(emb, vidx[pool[rows]], vidx[refs], k)
+            misled[rows] = (owner[refs[near]] == owner[pool[rows]][:, None]).mean(axis=1) < 0.5
+        return float(misled.mean())
+
     def _inconsistent_groups(
         self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
     ) -> list[tuple[int, np.ndarray, np.ndarray, dict]]:
@@ -672,7 +706,10 @@ class ConsensusDetector:
         :attr:`knn_reference` samples) that are NOT in the group is its suspicion, and a member is
         flagged when that share exceeds 1/2 -- a poisoned "3" looks like the clean threes, which
         answer otherwise; a clean member looks like its own class. A group with fewer than
-        ``min_cluster`` such members is left alone (diverse, but its images are its own).
+        ``min_cluster`` such members is left alone (diverse, but its images are its own), and so is
+        one whose count of such members is not significantly above what the untested groups'
+        members show (:meth:`_background_rate`; similar-looking classes mislead the vote for clean
+        samples too).
 
         A member's neighbours are searched among the reference samples that ask its own question
         (``Scores.prompt_key``), when at least :attr:`question_pool` x ``n_neighbors`` do: an answer
@@ -738,20 +775,27 @@ class ConsensusDetector:
         keys = None if scores.prompt_key is None else np.asarray(scores.prompt_key)[vidx]
         if keys is None:
             self.content_note_ = "no Scores.prompt_key (scored before it existed): neighbours among every question"
+        background = self._background_rate(emb, vidx, index, tested, ref, keys, k) if tested and k >= 1 else None
         for t in tested if k >= 1 else []:
             g = index[t]
             in_group = np.zeros(nv, bool)
             in_group[g] = True
             outside = np.empty(len(g))
             own = 0  # members judged among the samples that ask their own question
+            record = self.content_groups_[[c["answer_token"] for c in self.content_groups_].index(int(t))]
             for rows, pool, same in self._question_pools(g, ref, keys, k):
                 near = nearest_neighbours(emb, vidx[g[rows]], vidx[pool], k)
                 outside[rows] = 1.0 - in_group[pool[near]].mean(axis=1)
                 own += len(rows) if same else 0
-            self.content_groups_[[c["answer_token"] for c in self.content_groups_].index(int(t))][
-                "own_question_share"] = own / len(g)
+            record["own_question_share"] = own / len(g)
             flagged = outside > 0.5
+            from scipy.stats import binom
+
+            excess = binom.sf(int(flagged.sum()) - 1, len(g), background) if background is not None else 0.0
+            record.update(n_flagged=int(flagged.sum()), background_rate=background, excess_p=float(excess))
             if flagged.sum() < self.min_cluster:  # a diverse group whose members look like their group
+                continue
+            if excess * max(1, len(tested)) >= self.alpha:  # no more look-alikes than any group has
                 continue
             out.append((int(t), g, outside, {
                 "context": f"answer token {int(t)} (whole group)", "size": int(flagged.sum()),

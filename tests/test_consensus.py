@@ -206,6 +206,27 @@ def test_a_collapsed_answer_group_is_found_whole(seed):
     assert bye_fast.detect(scores, group_features=None, refine_features=None).n_flagged == 0
 
 
+@pytest.mark.parametrize("n", [2000, 6000])
+def test_the_collapsed_test_judges_groups_of_40_samples_or_more(n):
+    """The same collapsed head in a target group of 30 samples (quartiles too noisy to judge: left to
+    the other tests) and of 45 (found whole)."""
+    rng = np.random.default_rng(5)
+    scores, _ = _answer_groups(0, n_groups=4, n=n)
+    he, answer = scores.head_entropy.copy(), scores.answer_token.copy()
+    for m, want in ((30, False), (45, True)):
+        truth = np.zeros(n, bool)
+        truth[rng.choice(n, m, replace=False)] = True
+        a, h = answer.copy(), he.copy()
+        a[truth] = 4
+        h[truth, 2, 1] = 4.0 + rng.normal(0, 0.01, m)
+        det = bye_fast.detect(Scores(entropy=h.mean(-1), head_entropy=h, answer_token=a), refine_features=None,
+                              min_cluster=5)  # fmt: skip
+        whole = [c for c in det.details["clusters"] if c["context"] == "answer token 4 (whole group)"]
+        assert bool(whole) == want, (m, det.reason)
+        if want:
+            np.testing.assert_array_equal(det.flagged, truth)
+
+
 def test_a_group_only_somewhat_tighter_than_the_others_is_left_alone():
     """A group whose spread in one head is ~0.1 of the other groups' (a clean answer-specific question
     type on the scene task did that) is not collapsed at the default ``max_group_spread``; at 0.15 it is."""
@@ -372,7 +393,7 @@ def _mixed_questions(seed, n_poison=0, per_class=60, dim=16, spread=0.5):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_answers_that_depend_on_the_question_are_judged_per_question(seed):
+def test_answers_that_depend_on_the_question_are_judged_per_question(seed, monkeypatch):
     """The same picture answers "3" or "odd" depending on the question: among every question the
     parity groups look inconsistent (and would be removed), among their own question they do not."""
     s, _ = _mixed_questions(seed)
@@ -380,9 +401,17 @@ def test_answers_that_depend_on_the_question_are_judged_per_question(seed):
     assert not det.flagged.any(), det.reason
     parity = [g for g in det.details["content_groups"] if g["answer_token"] in (20, 21)]
     assert parity and all(g["tested"] and g["own_question_share"] == 1.0 for g in parity)
-    blind = Scores(**{**s.__dict__, "prompt_key": None})  # without the question: the false alarm
+    # without the question, a third of each parity group looks like other answers; the digit groups'
+    # members look like other answers as often (the other question's), so the background rate still
+    # leaves them alone; without either guard they would be removed
+    blind = Scores(**{**s.__dict__, "prompt_key": None})
+    det = bye_fast.detect(blind)
+    assert "prompt_key" in det.details["content_note"] and det.n_flagged == 0, det.reason
+    parity = [g for g in det.details["content_groups"] if g["answer_token"] in (20, 21)]
+    assert all(g["n_flagged"] > 0.25 * g["size"] and g["background_rate"] > 0.3 for g in parity)
+    monkeypatch.setattr(ConsensusDetector, "_background_rate", lambda self, *a: None)
     assert bye_fast.detect(blind).flagged.sum() > 0.1 * s.n_samples
-    assert "prompt_key" in bye_fast.detect(blind).details["content_note"]
+    assert bye_fast.detect(s).n_flagged == 0  # judged per question, no background needed
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -398,3 +427,16 @@ def test_a_question_too_rare_for_its_own_neighbours_is_judged_among_all():
     key[:5] = 7  # five samples ask a question no one else does
     det = bye_fast.detect(Scores(**{**s.__dict__, "prompt_key": key}))
     assert (det.flagged == bye_fast.detect(s).flagged).all()
+
+
+def test_a_group_with_no_more_look_alikes_than_the_others_is_left_alone(monkeypatch):
+    """Classes that overlap (spread 2.5): a few members of a parity group have neighbours of the other
+    parity, about as often as the digit groups' members have neighbours of other digits. That is the
+    embedding's noise, not a target: the group is left alone. Without the background rate it would go."""
+    s, _ = _mixed_questions(1, spread=2.5)
+    det = bye_fast.detect(s)
+    assert det.n_flagged == 0, det.reason
+    g = {x["answer_token"]: x for x in det.details["content_groups"] if x["tested"]}
+    assert g[21]["n_flagged"] >= 5 and 0 < g[21]["background_rate"] < 0.1 and g[21]["excess_p"] > 0.01
+    monkeypatch.setattr(ConsensusDetector, "_background_rate", lambda self, *a: None)
+    assert bye_fast.detect(s).n_flagged >= 5
