@@ -75,6 +75,11 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                     out.append((name, CellSpec(task=task, trigger=trigger, rate=0.1, seed=seed, target="existing")))
         return out
 
+    if which == "mixed":  # after round 4: the question-dependent task v6's guards were designed on (design only)
+        return [("mixed", spec) for spec in (
+            [CellSpec(task="digits-mixed", rate=0.0, seed=seed) for seed in (0, 1, 2)]
+            + [CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed) for seed in (0, 1)]
+            + [CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=0, target="existing")])]  # fmt: skip
     if which.endswith("4"):  # round 4: every cell of rounds 1-3 is design material, new seeds held out
         design = [("design4", spec) for _, spec in cells_of("all3")]
         heldout = (family("digits-ten", ROUND4_SEEDS, "heldout4", ("patch", "two_patches"), (0.2,))
@@ -165,9 +170,10 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4") for kind in ("design", "heldout", "all")]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, 3 or 4 (design4, heldout4, all4)")
+                    help="the protocol's round: 1 (design, heldout, all), 2, 3 or 4 (design4, heldout4, all4); mixed: "
+                         "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-retrain", action="store_true", help="skip the re-fine-tuning (ASR/CA after)")
@@ -270,7 +276,8 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout4", "Round 4, held-out cells (digits-ten seeds 13-17; clean scenes seeds 11-12)"),
+    for set_name, title in (("mixed", "digits-mixed (design cells of v6's question guards, not held out)"),
+                            ("heldout4", "Round 4, held-out cells (digits-ten seeds 13-17; clean scenes seeds 11-12)"),
                             ("design4", "Round 4, design cells (every cell of rounds 1-3)"),
                             ("heldout3", "Round 3, held-out cells (digits-ten seeds 8-12; clean scenes seeds 8-10)"),
                             ("design3", "Round 3, design cells (every cell of round 2)"),
