@@ -33,8 +33,8 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    overlap the most significant one's (Jaccard >= 1/2) form a block; a sample is
    in the cluster when at least half of the block's features put it in their tail.
 4. **Collapsed answer groups**: an answer group (40 samples or more, at most
-   ``max_fraction`` of the samples) whose interquartile range in some feature of :data:`GROUP_FEATURES`
-   (per-layer and per-head entropy, top-k share) is at most ``max_group_spread``
+   ``max_fraction`` of the samples) whose interquartile range in some feature of
+   :data:`GROUP_FEATURES` (per-layer and per-head entropy, top-k share) is at most ``max_group_spread``
    of the other groups' median, one interquartile range or more away from the
    rest, is a cluster as a whole.
 5. **Answer groups whose images disagree with the answer** (needs
@@ -581,8 +581,9 @@ class ConsensusDetector:
         :attr:`min_collapsed_group` samples and at most ``max_fraction`` of them) is collapsed when,
         in some feature of ``group_features``, its interquartile range is at most
         ``max_group_spread`` of the median interquartile range of the other groups, and its median
-        lies at least one interquartile range of the rest away from the rest's median. Features in which the other groups are
-        themselves collapsed (IQR ~ 0: values piled at a bound) are not used.
+        lies at least one interquartile range of the rest away from the rest's median. Features in
+        which the other groups are themselves collapsed (IQR ~ 0: values piled at a bound) are not
+        used.
         """
         if not self.group_features or len(index) < 2:
             return []
@@ -641,9 +642,10 @@ class ConsensusDetector:
     def _question_pools(
         self, g: np.ndarray, ref: np.ndarray, keys: np.ndarray | None, k: int
     ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-        """``(positions in g, reference pool, pool is their own question's)`` triples: a member's neighbours are searched among the
-        reference samples that ask the same question (``Scores.prompt_key``), when there are at
-        least ``question_pool * k`` of them, else among the whole reference. The same picture may
+        """``(positions in g, reference pool, pool is their own question's)`` triples: a member's
+        neighbours are searched among the reference samples that ask the same question
+        (``Scores.prompt_key``), when there are at least ``question_pool * k`` of them, else among
+        the whole reference. The same picture may
         rightly get "even" or "three" depending on the question; only the answers to the same
         question say what the picture should get."""
         if keys is None:
@@ -723,6 +725,8 @@ class ConsensusDetector:
         neighbours come from every question), is diverse for the same reason as a target and could
         be removed whole.
         """
+        from scipy.stats import binom
+
         emb = scores.image_embedding
         self.content_groups_: list[dict] = []
         self.content_note_ = ""
@@ -764,10 +768,11 @@ class ConsensusDetector:
             return []
         ratios = {t: div[t] / typical for t in index}
         tested = [t for t in index if ratios[t] >= self.min_content_ratio and len(index[t]) <= self.max_fraction * nv]
-        self.content_groups_ = [
-            {"answer_token": int(t), "size": len(g), "diversity_ratio": ratios[t], "tested": t in tested}
+        records = {
+            t: {"answer_token": int(t), "size": len(g), "diversity_ratio": ratios[t], "tested": t in tested}
             for t, g in index.items()
-        ]
+        }
+        self.content_groups_ = list(records.values())
         rng = np.random.default_rng(0)
         ref = np.arange(nv) if nv <= self.knn_reference else np.sort(rng.choice(nv, self.knn_reference, replace=False))
         k = min(int(self.n_neighbors), len(ref) - 1)
@@ -782,15 +787,13 @@ class ConsensusDetector:
             in_group[g] = True
             outside = np.empty(len(g))
             own = 0  # members judged among the samples that ask their own question
-            record = self.content_groups_[[c["answer_token"] for c in self.content_groups_].index(int(t))]
+            record = records[t]
             for rows, pool, same in self._question_pools(g, ref, keys, k):
                 near = nearest_neighbours(emb, vidx[g[rows]], vidx[pool], k)
                 outside[rows] = 1.0 - in_group[pool[near]].mean(axis=1)
                 own += len(rows) if same else 0
             record["own_question_share"] = own / len(g)
             flagged = outside > 0.5
-            from scipy.stats import binom
-
             excess = binom.sf(int(flagged.sum()) - 1, len(g), background) if background is not None else 0.0
             record.update(n_flagged=int(flagged.sum()), background_rate=background, excess_p=float(excess))
             if flagged.sum() < self.min_cluster:  # a diverse group whose members look like their group

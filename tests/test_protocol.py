@@ -52,38 +52,37 @@ def test_round_one_sets_are_unchanged():
     assert {s.task for s in held} == {"digits-ten", "scenes"} and {s.seed for s in held} == {2, 3, 4}
 
 
-def test_round_three_holds_out_seeds_no_earlier_round_used():
-    det = _detection()
-    design, heldout = det.cells_of("design3"), det.cells_of("heldout3")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all2")}
-    assert {spec.task for _, spec in heldout} == {"digits-ten", "scenes"}
-    earlier = det.cells_of("all") + det.cells_of("all2")
+def _check_new_seeds_round(det, rnd: int, seeds, scene_seeds) -> list:
+    """Round ``rnd`` (3 or later): every cell of the round before is design material, and the held-out
+    cells are new seeds of digits-ten and scenes that no earlier round used, each with its clean
+    cell. Returns the held-out specs."""
+    design, heldout = det.cells_of(f"design{rnd}"), det.cells_of(f"heldout{rnd}")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of(f"all{rnd - 1}")}
+    earlier = det.cells_of("all") + [c for r in range(2, rnd) for c in det.cells_of(f"all{r}")]
     for task in ("digits-ten", "scenes"):
         assert not _seeds(heldout, task) & _seeds(earlier, task)
-    assert set(det.ROUND3_SEEDS) == _seeds(heldout, "digits-ten")
-    assert set(det.ROUND3_SCENE_SEEDS) == _seeds(heldout, "scenes")
-    names = [spec.name for _, spec in det.cells_of("all3")]
+    assert set(seeds) == _seeds(heldout, "digits-ten")
+    assert set(scene_seeds) == _seeds(heldout, "scenes")
+    names = [spec.name for _, spec in det.cells_of(f"all{rnd}")]
     assert len(names) == len(set(names)) == len(design) + len(heldout)
     assert {(s.task, s.seed) for _, s in heldout} == {(s.task, s.seed) for _, s in heldout if s.rate == 0}
+    return [s for _, s in heldout]
+
+
+def test_round_three_holds_out_seeds_no_earlier_round_used():
+    det = _detection()
+    heldout = _check_new_seeds_round(det, 3, det.ROUND3_SEEDS, det.ROUND3_SCENE_SEEDS)
+    assert {s.task for s in heldout} == {"digits-ten", "scenes"}
     # digits-ten: patch, two patches, patch -> existing answer; scenes: the clean cells only
-    assert sum(s.rate > 0 for _, s in heldout) == 3 * len(det.ROUND3_SEEDS)
-    assert all(s.task == "digits-ten" for _, s in heldout if s.rate > 0)
+    assert sum(s.rate > 0 for s in heldout) == 3 * len(det.ROUND3_SEEDS)
+    assert all(s.task == "digits-ten" for s in heldout if s.rate > 0)
 
 
 def test_round_four_holds_out_seeds_no_earlier_round_used():
     det = _detection()
-    design, heldout = det.cells_of("design4"), det.cells_of("heldout4")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all3")}
-    earlier = det.cells_of("all") + det.cells_of("all2") + det.cells_of("all3")
-    for task in ("digits-ten", "scenes"):
-        assert not _seeds(heldout, task) & _seeds(earlier, task)
-    assert set(det.ROUND4_SEEDS) == _seeds(heldout, "digits-ten")
-    assert set(det.ROUND4_SCENE_SEEDS) == _seeds(heldout, "scenes")
-    names = [spec.name for _, spec in det.cells_of("all4")]
-    assert len(names) == len(set(names)) == len(design) + len(heldout)
-    assert {(s.task, s.seed) for _, s in heldout} == {(s.task, s.seed) for _, s in heldout if s.rate == 0}
+    heldout = _check_new_seeds_round(det, 4, det.ROUND4_SEEDS, det.ROUND4_SCENE_SEEDS)
     # digits-ten: patch and two patches at 20% (phrase), patch -> existing answer at 10%; scenes: clean only
-    poisoned = [s for _, s in heldout if s.rate > 0]
+    poisoned = [s for s in heldout if s.rate > 0]
     assert len(poisoned) == 3 * len(det.ROUND4_SEEDS) and all(s.task == "digits-ten" for s in poisoned)
     assert {(s.trigger, s.rate, s.target) for s in poisoned} == {
         ("patch", 0.2, "phrase"), ("two_patches", 0.2, "phrase"), ("patch", 0.1, "existing")}
