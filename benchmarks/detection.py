@@ -53,6 +53,14 @@ ROUND3_SCENE_SEEDS = (8, 9, 10)
 ROUND4_SEEDS = (13, 14, 15, 16, 17)
 #: The scene task's round-4 held-out seeds (clean cells only).
 ROUND4_SCENE_SEEDS = (11, 12)
+#: Held-out seeds of round 5 (v6); every cell of rounds 1-4 and the digits-mixed design cells became design material.
+ROUND5_SEEDS = (18, 19, 20)
+#: digits-mixed's round-5 held-out seeds (its seeds 0-2 designed v6's question guards).
+ROUND5_MIXED_SEEDS = (3, 4, 5)
+#: The scene task's round-5 held-out seeds (clean cells only).
+ROUND5_SCENE_SEEDS = (13, 14)
+#: digits-parity's round-5 held-out seeds (clean cells only: the false-alarm check on the binary task).
+ROUND5_PARITY_SEEDS = (5, 6)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -80,6 +88,18 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
             [CellSpec(task="digits-mixed", rate=0.0, seed=seed) for seed in (0, 1, 2)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed) for seed in (0, 1)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=0, target="existing")])]  # fmt: skip
+    if which.endswith("5"):  # round 5: rounds 1-4 and digits-mixed are design material, new seeds held out
+        design = [("design5", spec) for _, spec in cells_of("all4") + cells_of("mixed")]
+        mixed = []
+        for seed in ROUND5_MIXED_SEEDS:
+            mixed += [("heldout5", CellSpec(task="digits-mixed", rate=0.0, seed=seed)),
+                      ("heldout5", CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed)),
+                      ("heldout5", CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed,
+                                            target="existing"))]  # fmt: skip
+        heldout = (family("digits-ten", ROUND5_SEEDS, "heldout5", ("patch", "two_patches"), (0.2,)) + mixed
+                   + family("scenes", ROUND5_SCENE_SEEDS, "heldout5", (), (0.1,), existing=())
+                   + family("digits-parity", ROUND5_PARITY_SEEDS, "heldout5", (), (0.1,), existing=()))  # fmt: skip
+        return {"design5": design, "heldout5": heldout, "all5": design + heldout}[which]
     if which.endswith("4"):  # round 4: every cell of rounds 1-3 is design material, new seeds held out
         design = [("design4", spec) for _, spec in cells_of("all3")]
         heldout = (family("digits-ten", ROUND4_SEEDS, "heldout4", ("patch", "two_patches"), (0.2,))
@@ -170,9 +190,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, 3 or 4 (design4, heldout4, all4); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, 3, 4 or 5 (design5, heldout5, all5); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -276,7 +296,10 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("mixed", "digits-mixed (design cells of v6's question guards, not held out)"),
+    for set_name, title in (("heldout5", "Round 5, held-out cells (digits-ten seeds 18-20; digits-mixed seeds 3-5; "
+                                          "clean scenes seeds 13-14; clean digits-parity seeds 5-6)"),
+                            ("design5", "Round 5, design cells (every cell of rounds 1-4 and digits-mixed seeds 0-2)"),
+                            ("mixed", "digits-mixed (design cells of v6's question guards, not held out)"),
                             ("heldout4", "Round 4, held-out cells (digits-ten seeds 13-17; clean scenes seeds 11-12)"),
                             ("design4", "Round 4, design cells (every cell of rounds 1-3)"),
                             ("heldout3", "Round 3, held-out cells (digits-ten seeds 8-12; clean scenes seeds 8-10)"),

@@ -86,3 +86,24 @@ def test_round_four_holds_out_seeds_no_earlier_round_used():
     assert len(poisoned) == 3 * len(det.ROUND4_SEEDS) and all(s.task == "digits-ten" for s in poisoned)
     assert {(s.trigger, s.rate, s.target) for s in poisoned} == {
         ("patch", 0.2, "phrase"), ("two_patches", 0.2, "phrase"), ("patch", 0.1, "existing")}
+
+
+def test_round_five_holds_out_seeds_no_earlier_round_used():
+    det = _detection()
+    design, heldout = det.cells_of("design5"), det.cells_of("heldout5")
+    earlier = det.cells_of("all4") + det.cells_of("mixed")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
+    for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
+        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
+    assert _seeds(heldout, "digits-ten") == set(det.ROUND5_SEEDS)
+    assert _seeds(heldout, "digits-mixed") == set(det.ROUND5_MIXED_SEEDS)
+    assert _seeds(heldout, "scenes") == set(det.ROUND5_SCENE_SEEDS)
+    assert _seeds(heldout, "digits-parity") == set(det.ROUND5_PARITY_SEEDS)
+    names = [spec.name for _, spec in det.cells_of("all5")]
+    assert len(names) == len(set(names)) == len(design) + len(heldout)
+    assert {(s.task, s.seed) for _, s in heldout} == {(s.task, s.seed) for _, s in heldout if s.rate == 0}
+    poisoned = [s for _, s in heldout if s.rate > 0]
+    assert {s.task for s in poisoned} == {"digits-ten", "digits-mixed"}
+    assert {(s.trigger, s.rate, s.target) for s in poisoned} == {
+        ("patch", 0.2, "phrase"), ("two_patches", 0.2, "phrase"), ("patch", 0.1, "existing")}
+    assert all(s.trigger == "patch" for s in poisoned if s.task == "digits-mixed")
