@@ -13,7 +13,7 @@ extra_compile_args = ["-O3"] if sys.platform != "win32" else ["/O2"]
 ext_modules = [
     Pybind11Extension(
         "bye_fast._C",
-        sources=sorted(["csrc/bindings.cpp", "csrc/bimodal_stats.cpp"]),
+        sources=sorted(["csrc/bindings.cpp", "csrc/bimodal_stats.cpp", "csrc/columns.cpp"]),
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=extra_compile_args,

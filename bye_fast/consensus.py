@@ -74,6 +74,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from bye_fast.columns import gather_columns
 from bye_fast.detect import Detection, valid_rows
 from bye_fast.scores import Scores
 
@@ -147,6 +148,17 @@ class FeatureColumns:
 
     def column(self, j: int) -> np.ndarray:
         return self.block(j, j + 1)[:, 0]
+
+    def gather(self, j0: int, j1: int, rows: np.ndarray) -> np.ndarray:
+        """Columns ``j0:j1`` of the samples ``rows`` as one C-contiguous ``(j1 - j0, len(rows))`` array
+        (feature-major: the scans sort and take quantiles along contiguous rows), in the columns' dtype.
+        One native cache-tiled pass per family (:func:`bye_fast.columns.gather_columns`)."""
+        out = []
+        for p, s in zip(self.parts, self.starts[:-1], strict=True):
+            lo, hi = max(j0, s), min(j1, s + p.shape[1])
+            if lo < hi:
+                out.append(gather_columns(p, rows, lo - s, hi - s))
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=0).astype(self.dtype, copy=False)
 
 
 def _log10_binom_cdf(k: np.ndarray, n: np.ndarray, q: float = 0.5) -> np.ndarray:
@@ -540,9 +552,9 @@ class ConsensusDetector:
 
         def run(job) -> None:  # one block of features, every context; writes its own rows of out
             j0, j1, sel, pos = job
-            bt = np.ascontiguousarray(
-                cols.block(j0, j1)[rows_in_order][:, sel].T
-            )  # (b, nv), contexts contiguous
+            bt = cols.gather(j0, j1, rows_in_order)  # (b, nv), contexts contiguous
+            if len(sel) < j1 - j0:
+                bt = bt[sel]
             for c, (_, _, ks) in enumerate(plans):
                 lo_, hi_ = spans[c]
                 srt = np.sort(bt[:, lo_:hi_], axis=1)
@@ -594,15 +606,21 @@ class ConsensusDetector:
             return []
         cols = FeatureColumns(scores, tuple(self.group_features))
         vidx = np.nonzero(valid)[0]
-        order = np.concatenate([index[t] for t in big])  # each group one contiguous slice of the columns
+        grouped = np.zeros(nv, bool)
+        for t in big:
+            grouped[index[t]] = True
+        # each group one contiguous slice of the gathered columns; the ungrouped samples at the end
+        order = np.concatenate([index[t] for t in big] + [np.nonzero(~grouped)[0]])
         starts = dict(zip(big, np.cumsum([0] + [len(index[t]) for t in big[:-1]]).tolist(), strict=True))
-        found: dict = {}
-        for j0, blk in cols.blocks(self.block_width):
-            x = blk[vidx]
-            xt = np.ascontiguousarray(x[order].T)  # (b, nv): quantiles along contiguous rows
-            pct = np.percentile if np.isfinite(x).all() else np.nanpercentile
+        jobs = [(j0, min(j0 + self.block_width, cols.n_features)) for j0 in range(0, cols.n_features, self.block_width)]
+
+        def run(job) -> list[tuple[int, float, str]]:  # one block of features: (group, spread, feature)
+            j0, j1 = job
+            xt = cols.gather(j0, j1, vidx[order])  # (b, nv): quantiles along contiguous rows
+            pct = np.percentile if np.isfinite(xt).all() else np.nanpercentile
             q = {t: pct(xt[:, starts[t] : starts[t] + len(index[t])], [25, 50, 75], axis=1) for t in big}
             iqr = {t: q[t][2] - q[t][0] for t in big}
+            hits = []
             for t in candidates:
                 others = np.median([iqr[u] for u in big if u != t], axis=0)
                 with np.errstate(divide="ignore", invalid="ignore"):
@@ -610,15 +628,29 @@ class ConsensusDetector:
                 cand = np.nonzero((others > 1e-3) & (spread <= self.max_group_spread))[0]
                 if not len(cand):  # the rest's quartiles only where the group is collapsed
                     continue
-                rest = np.ones(nv, bool)
-                rest[index[t]] = False
-                qr = pct(x[rest][:, cand], [25, 50, 75], axis=0)
+                s0, s1 = starts[t], starts[t] + len(index[t])
+                rest = np.concatenate([xt[cand, :s0], xt[cand, s1:]], axis=1)
+                qr = pct(rest, [25, 50, 75], axis=1)
                 iqr_rest = qr[2] - qr[0]
                 with np.errstate(divide="ignore", invalid="ignore"):
                     sep = np.abs(q[t][1][cand] - qr[1]) / iqr_rest
                 for k in np.nonzero((iqr_rest > 0) & (sep >= 1.0))[0]:
                     j = int(cand[k])
-                    found.setdefault(t, []).append((float(spread[j]), cols.names[j0 + j]))
+                    hits.append((t, float(spread[j]), cols.names[j0 + j]))
+            return hits
+
+        threads = _n_threads(self.n_jobs, len(jobs))
+        if threads == 1:
+            results = [run(job) for job in jobs]
+        else:  # numpy's partitions and the native gather release the GIL
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                results = list(pool.map(run, jobs))
+        found: dict = {}
+        for hits in results:  # in block order: the same groups and features whatever the threads
+            for t, spread, name in hits:
+                found.setdefault(t, []).append((spread, name))
         out = []
         for t, feats in found.items():
             feats.sort()
@@ -829,9 +861,10 @@ class ConsensusDetector:
 
         cols = FeatureColumns(scores, tuple(self.refine_features))
         vidx = np.nonzero(valid)[0]
+        every = len(vidx) == cols.n  # no gather of the valid rows (the blocks are read in place)
         finite = np.ones(cols.n_features, bool)
         for j0, b in cols.blocks(self.block_width):
-            finite[j0 : j0 + b.shape[1]] = np.isfinite(b[vidx]).all(axis=0)
+            finite[j0 : j0 + b.shape[1]] = np.isfinite(b if every else b[vidx]).all(axis=0)
         use = np.nonzero(finite & ~np.isin(cols.names, list(exclude)))[0]
         if not len(use):
             return seed, seed.astype(np.float64), "no feature left to refine with: kept the test's cluster"
@@ -852,7 +885,8 @@ class ConsensusDetector:
         w[use] = clf.coef_[0] / sd
         logit = np.full(len(vidx), float(clf.intercept_[0] - (med * clf.coef_[0] / sd).sum()))
         for j0, b in cols.blocks(self.block_width):
-            logit += b[vidx] @ w[j0 : j0 + b.shape[1]].astype(b.dtype)
+            wb = w[j0 : j0 + b.shape[1]].astype(b.dtype)
+            logit += b @ wb if every else b[vidx] @ wb
         prob = 1.0 / (1.0 + np.exp(-logit))
         members = prob > 0.5
         jac = (members & seed).sum() / max(1, (members | seed).sum())

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "bimodal_stats.h"
+#include "columns.h"
 
 namespace py = pybind11;
 
@@ -176,11 +177,53 @@ std::unique_ptr<PyBimodalStats> from_bytes(const py::bytes& b) {
         bye::BimodalStats::from_bytes(reinterpret_cast<const std::uint8_t*>(buf), static_cast<std::size_t>(len)));
 }
 
+template <class T>
+py::array gather_columns_t(const py::array& x, const py::array_t<std::int64_t, py::array::c_style>& rows,
+                           std::int64_t j0, std::int64_t j1) {
+    const std::int64_t n = x.shape(0), m = rows.shape(0), b = j1 - j0;
+    const std::int64_t rs = x.strides(0) / static_cast<std::int64_t>(sizeof(T));
+    const std::int64_t cs = x.strides(1) / static_cast<std::int64_t>(sizeof(T));
+    const std::int64_t* r = rows.data();
+    for (std::int64_t i = 0; i < m; ++i) {
+        if (r[i] < 0 || r[i] >= n) {
+            throw py::index_error("rows[" + std::to_string(i) + "] = " + std::to_string(r[i]) +
+                                  " is out of range for " + std::to_string(n) + " rows");
+        }
+    }
+    py::array_t<T> out({static_cast<py::ssize_t>(b), static_cast<py::ssize_t>(m)});
+    const T* src = static_cast<const T*>(x.data());
+    T* dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        bye::gather_transpose<T>(src, rs, cs, r, m, j0, b, dst);
+    }
+    return out;
+}
+
+// x: (n, F) float32/float64 (any strides that are whole elements); rows: int64 (m,); -> (j1 - j0, m).
+py::array gather_columns(const py::array& x, const py::array_t<std::int64_t, py::array::c_style>& rows,
+                         std::int64_t j0, std::int64_t j1) {
+    if (x.ndim() != 2) throw py::value_error("x must be 2-D; got shape " + shape_str(x));
+    if (rows.ndim() != 1) throw py::value_error("rows must be 1-D");
+    if (j0 < 0 || j1 < j0 || j1 > x.shape(1)) {
+        throw py::index_error("columns " + std::to_string(j0) + ":" + std::to_string(j1) + " out of range for " +
+                              std::to_string(x.shape(1)) + " columns");
+    }
+    const bool f32 = x.dtype().equal(py::dtype::of<float>());
+    const bool f64 = x.dtype().equal(py::dtype::of<double>());
+    if (!f32 && !f64) throw py::type_error("x must be float32 or float64 (native byte order)");
+    const auto item = static_cast<py::ssize_t>(f32 ? sizeof(float) : sizeof(double));
+    if (x.strides(0) % item || x.strides(1) % item) throw py::value_error("x's strides must be whole elements");
+    return f32 ? gather_columns_t<float>(x, rows, j0, j1) : gather_columns_t<double>(x, rows, j0, j1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "bye_fast native extension: streaming bimodal-separation statistics";
+    m.doc() = "bye_fast native extension: streaming bimodal-separation statistics, column gathers";
     m.attr("__version__") = "0.1.0";
+    m.def("gather_columns", &gather_columns, py::arg("x"), py::arg("rows"), py::arg("j0"), py::arg("j1"),
+          "x[rows, j0:j1].T as a new C-contiguous array (one cache-tiled pass; releases the GIL)");
 
     py::class_<PyBimodalStats>(m, "BimodalStats",
                                "Native core of bye_fast.stats.BimodalStats; use that class instead.")

@@ -10,6 +10,7 @@ import bye_fast
 from bye_fast import Scores
 from bye_fast.consensus import (
     ConsensusDetector,
+    FeatureColumns,
     nearest_neighbours,
     nearest_neighbours_reference,
     size_grid,
@@ -440,3 +441,47 @@ def test_a_group_with_no_more_look_alikes_than_the_others_is_left_alone(monkeypa
     assert g[21]["n_flagged"] >= 5 and 0 < g[21]["background_rate"] < 0.1 and g[21]["excess_p"] > 0.01
     monkeypatch.setattr(ConsensusDetector, "_background_rate", lambda self, *a: None)
     assert bye_fast.detect(s).n_flagged >= 5
+
+
+def _collapsed_reference(det: ConsensusDetector, x: np.ndarray, names: list[str], answer: np.ndarray) -> dict:
+    """The collapsed-group test written feature by feature on whole columns (the slow twin of
+    ``ConsensusDetector._collapsed_groups``): {group: sorted [(spread, feature)]}."""
+    n = len(answer)
+    groups = {int(t): np.nonzero(answer == t)[0] for t in np.unique(answer)}
+    groups = {t: g for t, g in groups.items() if len(g) >= det.min_group}
+    found: dict = {}
+    for t, g in groups.items():
+        if not det.min_collapsed_group <= len(g) <= det.max_fraction * n:
+            continue
+        rest = np.ones(n, bool)
+        rest[g] = False
+        for j, name in enumerate(names):
+            def iqr(v):
+                return np.percentile(v, 75) - np.percentile(v, 25)
+            others = np.median([iqr(x[h, j]) for u, h in groups.items() if u != t])
+            if not (others > 1e-3 and iqr(x[g, j]) / others <= det.max_group_spread):
+                continue
+            iqr_rest = iqr(x[rest, j])
+            if iqr_rest > 0 and abs(np.median(x[g, j]) - np.median(x[rest, j])) / iqr_rest >= 1.0:
+                found.setdefault(t, []).append((iqr(x[g, j]) / others, name))
+    return {t: sorted(v) for t, v in found.items()}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_collapsed_groups_equal_the_column_by_column_twin(seed):
+    """Blocks of 3 features in 3 threads, small groups outside every slice (they still count in the
+    rest's quartiles), a collapsed target: the same groups, features and spreads as the twin."""
+    scores, truth = _answer_groups(seed, n_groups=4, poison_share=0.08, n=1500)
+    answer = scores.answer_token.copy()
+    answer[np.random.default_rng(seed).choice(np.nonzero(~truth)[0], 25, replace=False)] = 7  # < min_group
+    answer[np.nonzero(~truth)[0][:30]] = 8  # a group too small for the collapsed test, big enough for a slice
+    scores = Scores(entropy=scores.entropy, head_entropy=scores.head_entropy, answer_token=answer)
+    det = ConsensusDetector(n_jobs=3)
+    det.block_width = 3
+    valid = np.ones(len(answer), bool)
+    got = det._collapsed_groups(scores, valid, det._answer_groups(scores, valid))
+    cols = FeatureColumns(scores, det.group_features)
+    want = _collapsed_reference(det, cols.block(0, cols.n_features).astype(np.float64), cols.names, answer)
+    assert want and {t: c["block"] for t, _, c in got} == {t: [f for _, f in v] for t, v in want.items()}
+    for t, _, c in got:
+        assert c["spread"] == pytest.approx(want[t][0][0], rel=1e-5)
