@@ -485,3 +485,18 @@ def test_collapsed_groups_equal_the_column_by_column_twin(seed):
     assert want and {t: c["block"] for t, _, c in got} == {t: [f for _, f in v] for t, v in want.items()}
     for t, _, c in got:
         assert c["spread"] == pytest.approx(want[t][0][0], rel=1e-5)
+
+
+def test_feature_columns_gather_equals_block_across_families():
+    """A gathered block equals the plain block's rows, transposed, in the same dtype: the family's own
+    within one family, the common one across two families of different dtypes."""
+    rng = np.random.default_rng(3)
+    n = 300
+    scores = Scores(entropy=rng.normal(size=(n, 5)).astype(np.float32),
+                    head_entropy=rng.normal(size=(n, 5, 3)))  # fmt: skip
+    cols = FeatureColumns(scores, ("entropy", "head_entropy"))
+    rows = rng.permutation(n)[:211]
+    for j0, j1 in ((0, 5), (3, 9), (4, 20), (5, 20)):
+        got, want = cols.gather(j0, j1, rows), cols.block(j0, j1)[rows].T
+        assert got.dtype == want.dtype == (np.float32 if j1 <= 5 else np.float64) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
