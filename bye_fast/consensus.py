@@ -424,7 +424,10 @@ class ConsensusDetector:
     evidence_ : (F,) ``-log10(p * n_tests)`` of each feature's best tail cluster over all
         contexts (> ``-log10(alpha)``: significant).
     clusters_ : list of dict, one per context with a significant block: ``context``, ``size``,
-        ``evidence``, ``block`` (feature names), ``side`` of the lead feature.
+        ``evidence``, ``block`` (feature names), ``side`` of the lead feature; for a tail cluster,
+        ``answer_share`` (the share of its members that get its most common answer from the model;
+        a backdoor's cluster is one target's, a clean mode spans many answers) and ``n_answers``
+        (None without ``Scores.answer_token``). Recorded for review; it does not change the decision.
     n_tests_ : the number of tests the Bonferroni correction counts.
     content_groups_ : list of dict, one per answer group: ``answer_token``, ``size``,
         ``diversity_ratio`` (its image diversity / the median group's) and ``tested`` (members judged
@@ -918,6 +921,7 @@ class ConsensusDetector:
         vnames = [names[j] for j in keep]
         F, nv = len(keep), len(vidx)
         answer_groups = self._answer_groups(scores, rows.valid)
+        tokens_v = None if scores.answer_token is None else np.asarray(scores.answer_token)[rows.valid]
         contexts = self._contexts(answer_groups, nv)
         plans = [
             (label, idx, size_grid(self.min_cluster, int(self.max_fraction * len(idx))))
@@ -968,10 +972,15 @@ class ConsensusDetector:
             members = votes >= 0.5
             in_cluster[idx[members]] = True
             score_v[idx] = np.maximum(score_v[idx], votes + 1e-3 * np.tanh(distance / 10))
+            share, n_answers = None, None
+            if tokens_v is not None and members.any():  # for the record: one target's, or many answers'?
+                _, counts = np.unique(tokens_v[idx[members]], return_counts=True)
+                share, n_answers = float(counts.max() / counts.sum()), len(counts)
             self.clusters_.append({
                 "context": label, "size": int(members.sum()), "context_size": len(idx),
                 "evidence": float(ev[sig[0]]), "lead": vnames[sig[0]], "side": "high" if scan[sig[0], 1] > 0 else "low",
                 "block": [vnames[j] for j in block], "n_significant": len(sig),
+                "answer_share": share, "n_answers": n_answers,
             })  # fmt: skip
         for _, idx, cluster in self._collapsed_groups(scores, rows.valid, answer_groups):
             in_cluster[idx] = True
@@ -1061,7 +1070,10 @@ class ConsensusDetector:
             f"(the group's image embeddings {c['spread']:.2f}x as diverse as the median group's)"
             if c["side"] == "inconsistent"
             else f"{c['context']}: {c['size']} of {c['context_size']} at the {c['side']} end of {c['lead']} "
-            f"(evidence {c['evidence']:.1f}, {len(c['block'])} agreeing feature(s))"
+            f"(evidence {c['evidence']:.1f}, {len(c['block'])} agreeing feature(s)"
+            + (f"; {c['answer_share']:.0%} of them give one answer, of {c['n_answers']}"
+               if c.get("answer_share") is not None and c["context"] == "all samples" else "")
+            + ")"
             for c in self.clusters_
         )
         if too_large:

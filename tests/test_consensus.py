@@ -500,3 +500,30 @@ def test_feature_columns_gather_equals_block_across_families():
         got, want = cols.gather(j0, j1, rows), cols.block(j0, j1)[rows].T
         assert got.dtype == want.dtype and got.flags.c_contiguous
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_tail_cluster_records_how_many_answers_its_members_give(tmp_path):
+    """The all-samples tail cluster says which share of its members get one answer (a target's
+    cluster: all of them; a clean mode: many answers), in clusters_, the reason and detection.json;
+    without answer tokens it is None. The decision is the same either way."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    x = rng.normal(4.0, 0.3, size=(n, 6))
+    truth = rng.random(n) < 0.08
+    x[truth, 3] = 2.0 + rng.normal(0, 0.02, truth.sum())
+    for answer, want in ((np.where(truth, 7, rng.integers(0, 5, n)), 1.0), (rng.integers(0, 5, n), None)):
+        det = ConsensusDetector(group_features=None, content_groups=False, refine_features=None)
+        det.fit(Scores(entropy=x, answer_token=answer))
+        tail = [c for c in det.clusters_ if c["context"] == "all samples"]
+        assert len(tail) == 1 and tail[0]["size"] == truth.sum()
+        np.testing.assert_array_equal(det.flagged_, truth)
+        if want is None:  # answers unrelated to the cluster: spread over the five answers
+            assert tail[0]["n_answers"] == 5 and tail[0]["answer_share"] < 0.4
+            assert "of them give one answer, of 5" in det.detection_.reason
+        else:
+            assert tail[0]["answer_share"] == want and tail[0]["n_answers"] == 1
+            assert "100% of them give one answer, of 1" in det.detection_.reason
+            back = Detection.from_json(det.detection_.to_json(tmp_path / "detection.json"))
+            assert [c for c in back.details["clusters"] if c["context"] == "all samples"][0]["answer_share"] == 1.0
+    det = ConsensusDetector(group_features=None, content_groups=False, refine_features=None).fit(Scores(entropy=x))
+    assert det.clusters_[0]["answer_share"] is None and "give one answer" not in det.detection_.reason
