@@ -319,6 +319,18 @@ def _n_threads(n_jobs: int | None, n_tasks: int) -> int:
     return max(1, min(want, n_tasks))
 
 
+def _map_threads(fn, jobs: list, n_jobs: int | None) -> list:
+    """``[fn(job) for job in jobs]`` in :func:`_n_threads` threads, results in job order (numpy's sorts
+    and partitions and the native column gather release the GIL)."""
+    threads = _n_threads(n_jobs, len(jobs))
+    if threads == 1:
+        return [fn(job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, jobs))
+
+
 def _separation(y: np.ndarray, cut: float) -> float:
     """How far the tail (``y >= cut``) lies from the rest: the difference of their medians in
     interquartile ranges of the rest. A poisoned group sits beyond the bulk (>= 2 on the design
@@ -570,15 +582,7 @@ class ConsensusDetector:
                 best[:, 2] = np.where(best[:, 0] < 0, np.where(use_low, low[:, 2], high[:, 2]), np.inf)
                 best[:, 3] = np.where(best[:, 0] < 0, np.where(use_low, low[:, 1], high[:, 1]), 0)
 
-        threads = _n_threads(self.n_jobs, len(jobs))
-        if threads == 1:
-            for job in jobs:
-                run(job)
-        else:  # numpy's sorts and copies release the GIL
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(run, jobs))
+        _map_threads(run, jobs, self.n_jobs)
         return out
 
     #: Fewest samples of an answer group the collapsed test judges: a smaller group's quartiles are too
@@ -642,16 +646,8 @@ class ConsensusDetector:
                     hits.append((t, float(spread[j]), cols.names[j0 + j]))
             return hits
 
-        threads = _n_threads(self.n_jobs, len(jobs))
-        if threads == 1:
-            results = [run(job) for job in jobs]
-        else:  # numpy's partitions and the native gather release the GIL
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(threads) as pool:
-                results = list(pool.map(run, jobs))
         found: dict = {}
-        for hits in results:  # in block order: the same groups and features whatever the threads
+        for hits in _map_threads(run, jobs, self.n_jobs):  # in block order: the same groups and features whatever the threads
             for t, spread, name in hits:
                 found.setdefault(t, []).append((spread, name))
         out = []
@@ -680,9 +676,8 @@ class ConsensusDetector:
         """``(positions in g, reference pool, pool is their own question's)`` triples: a member's
         neighbours are searched among the reference samples that ask the same question
         (``Scores.prompt_key``), when there are at least ``question_pool * k`` of them, else among
-        the whole reference. The same picture may
-        rightly get "even" or "three" depending on the question; only the answers to the same
-        question say what the picture should get."""
+        the whole reference. The same picture may rightly get "even" or "three" depending on the
+        question; only the answers to the same question say what the picture should get."""
         if keys is None:
             return [(np.arange(len(g)), ref, False)]
         out, rest = [], []
