@@ -61,6 +61,14 @@ ROUND5_MIXED_SEEDS = (3, 4, 5)
 ROUND5_SCENE_SEEDS = (13, 14)
 #: digits-parity's round-5 held-out seeds (clean cells only: the false-alarm check on the binary task).
 ROUND5_PARITY_SEEDS = (5, 6)
+#: Held-out seeds of round 6 (v7); every cell of rounds 1-5 became design material.
+ROUND6_SEEDS = (21, 22, 23)
+#: digits-mixed's round-6 held-out seeds.
+ROUND6_MIXED_SEEDS = (6, 7, 8)
+#: The scene task's round-6 held-out seeds (clean cells only: where rounds 1, 4 and 5 found a false alarm).
+ROUND6_SCENE_SEEDS = (15, 16, 17)
+#: digits-parity's round-6 held-out seeds (clean cells only).
+ROUND6_PARITY_SEEDS = (7, 8)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -88,6 +96,18 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
             [CellSpec(task="digits-mixed", rate=0.0, seed=seed) for seed in (0, 1, 2)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed) for seed in (0, 1)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=0, target="existing")])]  # fmt: skip
+    if which.endswith("6"):  # round 6: every cell of rounds 1-5 is design material, new seeds held out
+        design = [("design6", spec) for _, spec in cells_of("all5")]
+        mixed = []
+        for seed in ROUND6_MIXED_SEEDS:
+            mixed += [("heldout6", CellSpec(task="digits-mixed", rate=0.0, seed=seed)),
+                      ("heldout6", CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed)),
+                      ("heldout6", CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed,
+                                            target="existing"))]  # fmt: skip
+        heldout = (family("digits-ten", ROUND6_SEEDS, "heldout6", ("patch", "two_patches"), (0.2,)) + mixed
+                   + family("scenes", ROUND6_SCENE_SEEDS, "heldout6", (), (0.1,), existing=())
+                   + family("digits-parity", ROUND6_PARITY_SEEDS, "heldout6", (), (0.1,), existing=()))  # fmt: skip
+        return {"design6": design, "heldout6": heldout, "all6": design + heldout}[which]
     if which.endswith("5"):  # round 5: rounds 1-4 and digits-mixed are design material, new seeds held out
         design = [("design5", spec) for _, spec in cells_of("all4") + cells_of("mixed")]
         mixed = []
@@ -190,9 +210,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, 3, 4 or 5 (design5, heldout5, all5); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, 3, 4, 5 or 6 (design6, heldout6, all6); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -296,7 +316,10 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout5", "Round 5, held-out cells (digits-ten seeds 18-20; digits-mixed seeds 3-5; "
+    for set_name, title in (("heldout6", "Round 6, held-out cells (digits-ten seeds 21-23; digits-mixed seeds 6-8; "
+                                          "clean scenes seeds 15-17; clean digits-parity seeds 7-8)"),
+                            ("design6", "Round 6, design cells (every cell of rounds 1-5)"),
+                            ("heldout5", "Round 5, held-out cells (digits-ten seeds 18-20; digits-mixed seeds 3-5; "
                                           "clean scenes seeds 13-14; clean digits-parity seeds 5-6)"),
                             ("design5", "Round 5, design cells (every cell of rounds 1-4 and digits-mixed seeds 0-2)"),
                             ("mixed", "digits-mixed (design cells of v6's question guards, not held out)"),

@@ -107,3 +107,18 @@ def test_round_five_holds_out_seeds_no_earlier_round_used():
     assert {(s.trigger, s.rate, s.target) for s in poisoned} == {
         ("patch", 0.2, "phrase"), ("two_patches", 0.2, "phrase"), ("patch", 0.1, "existing")}
     assert all(s.trigger == "patch" for s in poisoned if s.task == "digits-mixed")
+
+
+def test_round_six_holds_out_seeds_no_earlier_round_used():
+    det = _detection()
+    design, heldout = det.cells_of("design6"), det.cells_of("heldout6")
+    earlier = det.cells_of("all5")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
+    for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
+        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
+    assert _seeds(heldout, "digits-ten") == set(det.ROUND6_SEEDS)
+    assert _seeds(heldout, "digits-mixed") == set(det.ROUND6_MIXED_SEEDS)
+    assert _seeds(heldout, "scenes") == set(det.ROUND6_SCENE_SEEDS)
+    assert _seeds(heldout, "digits-parity") == set(det.ROUND6_PARITY_SEEDS)
+    assert all(s.rate == 0 for _, s in heldout if s.task in ("scenes", "digits-parity"))
+    assert len(heldout) == 12 + 9 + 3 + 2
