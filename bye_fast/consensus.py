@@ -32,6 +32,10 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
 3. **Consensus**: in each context, the significant features whose tail sets
    overlap the most significant one's (Jaccard >= 1/2) form a block; a sample is
    in the cluster when at least half of the block's features put it in their tail.
+   **One answer's** (with ``Scores.answer_token``): a cluster of all samples must be
+   mostly one answer (``min_answer_share``), a cluster inside an answer group must be
+   specific to it (the other answers' samples rarely reach its cut,
+   ``min_specificity``); else it is set aside as a clean mode.
 4. **Collapsed answer groups**: an answer group (40 samples or more, at most
    ``max_fraction`` of the samples) whose interquartile range in some feature of
    :data:`GROUP_FEATURES` (per-layer and per-head entropy, top-k share) is at most ``max_group_spread``
@@ -49,7 +53,11 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    there are enough of them: the same picture may rightly answer "three" to one
    question and "odd" to another. A group is kept only when it has significantly
    more such members than the groups not tested have (the rate at which the
-   embedding alone misleads the vote; binomial test at ``alpha``).
+   embedding alone misleads the vote; binomial test at ``alpha``). The vote also
+   takes clean members of the target's own class whose pictures look like other
+   classes; where it leaves a good part of the group unflagged and the attention
+   features reproduce its split, a cross-fitted classifier on the group's attention
+   features re-decides who is in (the trigger shows in the attention, the class hardly).
 6. **Refinement**: the clusters' members are then decided by a logistic
    regression of cluster vs rest on :data:`REFINE_FEATURES` (per-head features
    included) less the features that found the cluster; kept when it stays within
@@ -428,6 +436,14 @@ class ConsensusDetector:
         round 3).
     n_neighbors : neighbours (image embedding, Euclidean) that decide who in an inconsistent group
         is poisoned: a member most of whose neighbours give other answers (default 10).
+    min_answer_share : a tail cluster of *all samples* counts only when at least this share of its
+        members get one answer from the model (default 0.8; needs ``Scores.answer_token``): a
+        backdoor's cluster is its target's (the design cells' poisoned clusters: 0.93-1.00), a clean
+        image-driven mode spans the answers (0.25-0.26; ``detection_analysis.md``, v7).
+    min_specificity : a tail cluster inside an answer group counts only when the group's share in
+        the tail is at least this many times the other answers' share in the same range of the
+        lead feature (default 4): the trigger is in the poisoned samples only, a clean mode is
+        shared (design cells: poisoned 64x, clean 1.0-1.5x).
     n_jobs : threads for the feature scan (scikit-learn's convention; default -1, every core).
         The result does not depend on it.
 
@@ -439,7 +455,11 @@ class ConsensusDetector:
         ``evidence``, ``block`` (feature names), ``side`` of the lead feature; for a tail cluster,
         ``answer_share`` (the share of its members that get its most common answer from the model;
         a backdoor's cluster is one target's, a clean mode spans many answers) and ``n_answers``
-        (None without ``Scores.answer_token``). Recorded for review; it does not change the decision.
+        (None without ``Scores.answer_token``); ``tail_share`` (the context's share in the lead
+        feature's tail) and ``outside_share`` (inside an answer group: the other answers' share
+        in the same range of the lead feature, from the cut to the tail's extreme; else None).
+    set_aside_ : list of dict, the tail clusters that passed the test but look like clean modes
+        (``min_answer_share``, ``min_specificity``), with ``why``; nothing in them is flagged.
     n_tests_ : the number of tests the Bonferroni correction counts.
     content_groups_ : list of dict, one per answer group: ``answer_token``, ``size``,
         ``diversity_ratio`` (its image diversity / the median group's) and ``tested`` (members judged
@@ -472,8 +492,12 @@ class ConsensusDetector:
         content_groups: bool = True,
         min_content_ratio: float = 1.45,
         n_neighbors: int = 10,
+        min_answer_share: float = 0.8,
+        min_specificity: float = 4.0,
         n_jobs: int | None = -1,
     ) -> None:
+        self.min_answer_share = min_answer_share
+        self.min_specificity = min_specificity
         self.content_groups = content_groups
         self.min_content_ratio = min_content_ratio
         self.n_neighbors = n_neighbors
@@ -501,6 +525,7 @@ class ConsensusDetector:
                 "group_features": None if self.group_features is None else list(self.group_features),
                 "max_group_spread": self.max_group_spread, "content_groups": self.content_groups,
                 "min_content_ratio": self.min_content_ratio, "n_neighbors": self.n_neighbors,
+                "min_answer_share": self.min_answer_share, "min_specificity": self.min_specificity,
                 "n_jobs": self.n_jobs}  # fmt: skip
 
     def _check(self) -> None:
@@ -510,6 +535,10 @@ class ConsensusDetector:
             raise ValueError(f"alpha must be in (0, 1); got {self.alpha}")
         if not (np.isfinite(self.min_content_ratio) and self.min_content_ratio > 1):
             raise ValueError(f"min_content_ratio must be > 1; got {self.min_content_ratio}")
+        if not (np.isfinite(self.min_answer_share) and 0 <= self.min_answer_share <= 1):
+            raise ValueError(f"min_answer_share must be in [0, 1]; got {self.min_answer_share}")
+        if not (np.isfinite(self.min_specificity) and self.min_specificity >= 1):
+            raise ValueError(f"min_specificity must be >= 1; got {self.min_specificity}")
         if int(self.n_neighbors) < 1:
             raise ValueError(f"n_neighbors must be >= 1; got {self.n_neighbors}")
         if int(self.min_cluster) < 2 or int(self.min_group) < 2:
@@ -838,6 +867,72 @@ class ConsensusDetector:
             }))  # fmt: skip
         return out
 
+    #: Inverse L2 strength of the classifier that re-decides an inconsistent group's members.
+    content_refine_c: ClassVar[float] = 0.01
+    #: An inconsistent group's members are re-decided only when the vote leaves at least this share
+    #: of the group unflagged.
+    content_refine_rest: ClassVar[float] = 0.15
+    #: ... and only when the attention features reproduce the vote's split at least this well
+    #: (cross-fitted AUROC): a split the attention cannot see is not the trigger's.
+    content_refine_auc: ClassVar[float] = 0.75
+    #: Folds of the cross-fitted re-decision.
+    content_refine_folds: ClassVar[int] = 5
+
+    def _refine_content(
+        self, scores: Scores, valid: np.ndarray, g: np.ndarray, vote: np.ndarray
+    ) -> tuple[np.ndarray | None, str]:
+        """Re-decide an inconsistent group's members with the attention features: ``(probability of
+        each member, note)``, or ``(None, note)`` when the vote stands.
+
+        The neighbour vote is a noisy label: it flags the triggered members, and also the clean
+        members of the target's own class whose pictures the vision tower places among other classes
+        (``detection_analysis.md``, round 5). The trigger shows in the attention, the picture's class
+        hardly does, so a linear classifier (L2 logistic regression, balanced classes) of flagged vs
+        unflagged members on the group's standardised :data:`REFINE_FEATURES`, cross-fitted (each
+        member is judged by a model that did not see its label; at most ``refine_rows`` training
+        rows per class), keeps the members that look triggered and drops those that only look like
+        another class. It runs only when the vote leaves at least :attr:`content_refine_rest` of the
+        group (and ``min_cluster`` members) unflagged: a group the vote takes almost whole is a new
+        target's own, its few unflagged members are poisoned too, and the split between them is not
+        the trigger's -- and only when the cross-fitted classifier reproduces the vote's split
+        (AUROC >= :attr:`content_refine_auc`); where the attention does not see the split, the vote stands.
+        """
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
+
+        n_rest = int((~vote).sum())
+        if n_rest < max(self.min_cluster, self.content_refine_rest * len(g)) or vote.sum() < self.min_cluster:
+            return None, (f"the vote stands ({n_rest} of {len(g)} members unflagged, fewer than "
+                          f"{self.content_refine_rest:.0%}: a group taken almost whole)")  # fmt: skip
+        cols = FeatureColumns(scores, tuple(self.refine_features))
+        rows = np.nonzero(valid)[0][g]
+        x = np.concatenate(
+            [cols.gather(j0, min(j0 + self.block_width, cols.n_features), rows).T
+             for j0 in range(0, cols.n_features, self.block_width)], axis=1).astype(np.float64)  # fmt: skip
+        x = x[:, np.isfinite(x).all(axis=0) & (x.std(axis=0) > 0)]
+        if not x.shape[1]:
+            return None, "the vote stands (no usable attention feature)"
+        folds = min(self.content_refine_folds, int(vote.sum()), n_rest)
+        rng = np.random.default_rng(0)
+        prob = np.empty(len(g))
+        for train, test in StratifiedKFold(folds, shuffle=True, random_state=0).split(x, vote):
+            parts = [train[vote[train] == c] for c in (True, False)]
+            train = np.sort(np.concatenate(
+                [rng.choice(p, self.refine_rows, replace=False) if len(p) > self.refine_rows else p for p in parts]))  # fmt: skip
+            med, sd = np.median(x[train], axis=0), x[train].std(axis=0)
+            sd = np.where(sd > 0, sd, 1.0)
+            clf = LogisticRegression(C=self.content_refine_c, class_weight="balanced", max_iter=2000)
+            clf.fit((x[train] - med) / sd, vote[train])
+            prob[test] = clf.predict_proba((x[test] - med) / sd)[:, 1]
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(vote, prob))
+        if auc < self.content_refine_auc:
+            return None, (f"the vote stands (the attention features tell its two sides apart with "
+                          f"cross-fitted AUROC {auc:.2f} < {self.content_refine_auc:g})")  # fmt: skip
+        return prob, (f"re-decided with {x.shape[1]} attention features (cross-fitted AUROC {auc:.2f}): "
+                      f"{int(vote.sum())} -> {int((prob > 0.5).sum())} members")  # fmt: skip
+
     #: Rows the refining classifier is fitted on, at most, per class (members / others).
     refine_rows: ClassVar[int] = 20_000
 
@@ -897,13 +992,31 @@ class ConsensusDetector:
             f"refined with {len(use)} features: {int(seed.sum())} -> {int(members.sum())} samples",
         )
 
-    def _members(self, best: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """The tail cluster of one significant feature. Its size was tested on a grid; the cut is
-        refined over every size within one grid step of it (the evidence stays the grid's)."""
+    def _not_one_answers(self, cluster: dict) -> str:
+        """Why a tail cluster is a clean mode rather than a backdoor ('' when it may be one).
+
+        A backdoor's samples all get its one target from the model, and the trigger is in them
+        only: its cluster is one answer's, and the other answers' samples do not reach its cut.
+        A clean image-driven mode spans the answers. Needs ``Scores.answer_token``."""
+        share, outside = cluster["answer_share"], cluster["outside_share"]
+        if cluster["context"] == "all samples" and share is not None and share < self.min_answer_share:
+            return (f"spans {cluster['n_answers']} answers, the most common {share:.0%} of it "
+                    f"(< min_answer_share={self.min_answer_share:g}): a clean mode")
+        if outside is not None and cluster["tail_share"] < self.min_specificity * outside:
+            return (f"{outside:.1%} of the other answers' samples lie in the same range, "
+                    f"{cluster['tail_share']:.1%} of the group's (< min_specificity={self.min_specificity:g} x): "
+                    "a mode the answers share")
+        return ""
+
+    def _members(self, best: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        """The tail cluster of one significant feature, and its cut (on ``side * y``). Its size was
+        tested on a grid; the cut is refined over every size within one grid step of it (the
+        evidence stays the grid's)."""
         side, k = best[1], int(best[3])
         lo, hi = int(np.floor(k / SIZE_RATIO)), int(np.ceil(k * SIZE_RATIO))
         lp, _, cut = valley_scan(side * y, max(lo, 1), hi, trim=self.trim, gap=self.gap)
-        return side * y >= (cut if lp < 0 else best[2])
+        cut = float(cut if lp < 0 else best[2])
+        return side * y >= cut, cut
 
     def fit(self, scores: Scores) -> ConsensusDetector:
         self._check()
@@ -941,6 +1054,7 @@ class ConsensusDetector:
 
         evidence = np.full(F, -np.inf)
         self.clusters_: list[dict] = []
+        self.set_aside_: list[dict] = []
         score_v = np.zeros(nv)
         in_cluster = np.zeros(nv, dtype=bool)
         ranking: list[tuple[float, float, np.ndarray, int]] = []  # (evidence, side, idx, j)
@@ -959,24 +1073,39 @@ class ConsensusDetector:
             sig = [int(j) for j in np.argsort(-ev) if ev[j] > level]
             if not sig:
                 continue
-            tails = {j: self._members(scan[j], column(j, idx)) for j in sig}
+            cuts = {j: self._members(scan[j], column(j, idx)) for j in sig}
+            tails = {j: m for j, (m, _) in cuts.items()}
             lead = tails[sig[0]]
             block = [j for j in sig if (tails[j] & lead).sum() / max(1, (tails[j] | lead).sum()) >= 0.5]
             votes = np.mean([tails[j] for j in block], axis=0)
             distance = np.mean([scan[j, 1] * _robust_z(column(j, idx)) for j in block], axis=0)
             members = votes >= 0.5
-            in_cluster[idx[members]] = True
-            score_v[idx] = np.maximum(score_v[idx], votes + 1e-3 * np.tanh(distance / 10))
             share, n_answers = None, None
-            if tokens_v is not None and members.any():  # for the record: one target's, or many answers'?
+            if tokens_v is not None and members.any():  # one target's, or many answers'?
                 _, counts = np.unique(tokens_v[idx[members]], return_counts=True)
                 share, n_answers = float(counts.max() / counts.sum()), len(counts)
-            self.clusters_.append({
+            outside_share = None
+            if len(idx) < nv:  # an answer group: how many of the other samples lie in the same range?
+                rest = np.ones(nv, dtype=bool)
+                rest[idx] = False
+                j0 = sig[0]
+                top = float((scan[j0, 1] * column(j0, idx))[lead].max())
+                y_rest = scan[j0, 1] * column(j0, np.nonzero(rest)[0])
+                outside_share = float(((y_rest >= cuts[j0][1]) & (y_rest <= top)).mean())
+            cluster = {
                 "context": label, "size": int(members.sum()), "context_size": len(idx),
                 "evidence": float(ev[sig[0]]), "lead": vnames[sig[0]], "side": "high" if scan[sig[0], 1] > 0 else "low",
                 "block": [vnames[j] for j in block], "n_significant": len(sig),
                 "answer_share": share, "n_answers": n_answers,
-            })  # fmt: skip
+                "tail_share": float(lead.mean()), "outside_share": outside_share,
+            }  # fmt: skip
+            why = self._not_one_answers(cluster)
+            if why:
+                self.set_aside_.append({**cluster, "why": why})
+                continue
+            in_cluster[idx[members]] = True
+            score_v[idx] = np.maximum(score_v[idx], votes + 1e-3 * np.tanh(distance / 10))
+            self.clusters_.append(cluster)
         for _, idx, cluster in self._collapsed_groups(scores, rows.valid, answer_groups):
             in_cluster[idx] = True
             score_v[idx] = np.maximum(score_v[idx], 1.0)
@@ -984,9 +1113,16 @@ class ConsensusDetector:
         content = self._inconsistent_groups(scores, rows.valid, answer_groups)
         content_members = np.zeros(nv, dtype=bool)
         content_score = np.zeros(nv)
-        for _, idx, outside, _cluster in content:
-            content_members[idx[outside > 0.5]] = True
-            content_score[idx] = np.maximum(content_score[idx], outside)
+        for _, idx, outside, cluster in content:
+            suspicion = outside
+            if self.refine_features:
+                prob, note = self._refine_content(scores, rows.valid, idx, outside > 0.5)
+                cluster["refined"] = note
+                if prob is not None:
+                    suspicion = prob
+                    cluster["size"] = int((prob > 0.5).sum())
+            content_members[idx[suspicion > 0.5]] = True
+            content_score[idx] = np.maximum(content_score[idx], suspicion)
         attention_found = bool(self.clusters_)
         self.clusters_.extend(c for *_, c in content)
         if not self.clusters_ and ranking:  # nothing significant: rank by the three strongest features
@@ -1034,6 +1170,7 @@ class ConsensusDetector:
                 "evidence_label": "evidence -log10(p x tests)",
                 "chosen": chosen,
                 "clusters": self.clusters_,
+                "set_aside": self.set_aside_,
                 "n_tests": self.n_tests_,
                 "contexts": [{"context": c[0], "size": len(c[1])} for c in contexts],
                 "too_large": bool(too_large),
@@ -1050,8 +1187,15 @@ class ConsensusDetector:
     def _reason(
         self, n_found: int, nv: int, too_large: bool, evidence: np.ndarray, names: list[str], level: float
     ) -> str:
+        aside = "".join(
+            f"; set aside: {c['context']}: {c['size']} of {c['context_size']} at the {c['side']} end of "
+            f"{c['lead']} (evidence {c['evidence']:.1f}) {c['why']}"
+            for c in self.set_aside_
+        )
         if not self.clusters_:
             j = int(np.argmax(evidence))
+            if self.set_aside_:
+                return "nothing to find: every tail cluster is a clean mode, nothing flagged" + aside
             return (
                 f"nothing to find: no feature has a tail cluster at family-wise level alpha={self.alpha:g} "
                 f"({self.n_tests_} tests; the strongest, {names[j]}, has evidence {evidence[j]:.2f} < {level:.2f}): "
@@ -1062,7 +1206,8 @@ class ConsensusDetector:
             f"{c['spread']:.2f} of the other groups', {len(c['block'])} such feature(s))"
             if c["side"] == "collapsed"
             else f"{c['context']}: {c['size']} of {c['context_size']} whose images look like other answers' "
-            f"(the group's image embeddings {c['spread']:.2f}x as diverse as the median group's)"
+            f"(the group's image embeddings {c['spread']:.2f}x as diverse as the median group's"
+            + (f"; {c['refined']}" if c.get("refined", "").startswith("re-decided") else "") + ")"
             if c["side"] == "inconsistent"
             else f"{c['context']}: {c['size']} of {c['context_size']} at the {c['side']} end of {c['lead']} "
             f"(evidence {c['evidence']:.1f}, {len(c['block'])} agreeing feature(s)"
@@ -1075,5 +1220,6 @@ class ConsensusDetector:
             return (
                 f"found {n_found} of {nv} samples ({n_found / nv:.1%}) in the clusters, more than "
                 f"max_fraction={self.max_fraction:g}: too large to be poison (a clean mode?), nothing flagged; {parts}"
+                + aside
             )
-        return f"flagged {n_found} of {nv} samples ({n_found / nv:.1%}); {parts}"
+        return f"flagged {n_found} of {nv} samples ({n_found / nv:.1%}); {parts}" + aside

@@ -502,28 +502,124 @@ def test_feature_columns_gather_equals_block_across_families():
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_tail_cluster_records_how_many_answers_its_members_give(tmp_path):
-    """The all-samples tail cluster says which share of its members get one answer (a target's
-    cluster: all of them; a clean mode: many answers), in clusters_, the reason and detection.json;
-    without answer tokens it is None. The decision is the same either way."""
+def test_a_tail_cluster_of_all_samples_must_be_mostly_one_answer(tmp_path):
+    """A backdoor's cluster is its target's: kept and flagged. The same tight cluster spread over five
+    answers is a clean mode: set aside, nothing flagged, and said so in the reason and detection.json.
+    Without answer tokens the guard cannot apply; min_answer_share=0 switches it off."""
     rng = np.random.default_rng(0)
     n = 1200
     x = rng.normal(4.0, 0.3, size=(n, 6))
     truth = rng.random(n) < 0.08
     x[truth, 3] = 2.0 + rng.normal(0, 0.02, truth.sum())
-    for answer, want in ((np.where(truth, 7, rng.integers(0, 5, n)), 1.0), (rng.integers(0, 5, n), None)):
-        det = ConsensusDetector(group_features=None, content_groups=False, refine_features=None)
-        det.fit(Scores(entropy=x, answer_token=answer))
-        tail = [c for c in det.clusters_ if c["context"] == "all samples"]
-        assert len(tail) == 1 and tail[0]["size"] == truth.sum()
-        np.testing.assert_array_equal(det.flagged_, truth)
-        if want is None:  # answers unrelated to the cluster: spread over the five answers
-            assert tail[0]["n_answers"] == 5 and tail[0]["answer_share"] < 0.4
-            assert "of them give one answer, of 5" in det.detection_.reason
-        else:
-            assert tail[0]["answer_share"] == want and tail[0]["n_answers"] == 1
-            assert "100% of them give one answer, of 1" in det.detection_.reason
-            back = Detection.from_json(det.detection_.to_json(tmp_path / "detection.json"))
-            assert [c for c in back.details["clusters"] if c["context"] == "all samples"][0]["answer_share"] == 1.0
-    det = ConsensusDetector(group_features=None, content_groups=False, refine_features=None).fit(Scores(entropy=x))
+    opts = {"group_features": None, "content_groups": False, "refine_features": None}
+    target = np.where(truth, 7, rng.integers(0, 5, n))
+    det = ConsensusDetector(**opts).fit(Scores(entropy=x, answer_token=target))
+    np.testing.assert_array_equal(det.flagged_, truth)
+    tail = [c for c in det.clusters_ if c["context"] == "all samples"]
+    assert len(tail) == 1 and tail[0]["answer_share"] == 1.0 and tail[0]["n_answers"] == 1
+    assert "100% of them give one answer, of 1" in det.detection_.reason and not det.set_aside_
+
+    spread = rng.integers(0, 5, n)
+    det = ConsensusDetector(**opts).fit(Scores(entropy=x, answer_token=spread))
+    assert not det.flagged_.any() and not det.clusters_
+    (aside,) = [c for c in det.set_aside_ if c["context"] == "all samples"]
+    assert aside["size"] == truth.sum() and aside["n_answers"] == 5 and aside["answer_share"] < 0.4
+    assert "min_answer_share=0.8" in aside["why"]
+    assert det.detection_.reason.startswith("nothing to find: every tail cluster is a clean mode")
+    assert "set aside: all samples" in det.detection_.reason
+    back = Detection.from_json(det.detection_.to_json(tmp_path / "detection.json"))
+    assert back.details["set_aside"][0]["why"] == aside["why"]
+    assert back.options["min_answer_share"] == 0.8
+
+    off = ConsensusDetector(min_answer_share=0.0, **opts).fit(Scores(entropy=x, answer_token=spread))
+    np.testing.assert_array_equal(off.flagged_, truth)
+    det = ConsensusDetector(**opts).fit(Scores(entropy=x))
+    np.testing.assert_array_equal(det.flagged_, truth)
     assert det.clusters_[0]["answer_share"] is None and "give one answer" not in det.detection_.reason
+
+
+def _group_tail(seed, shared):
+    """Four answer groups at different levels of one head; group 1 holds a tight cluster at the top of
+    its range. ``shared``: every group has a cluster in the same range (a clean image-driven mode);
+    else only group 1 (a trigger in the poisoned samples only)."""
+    rng = np.random.default_rng(seed)
+    n = 1600
+    answer = rng.integers(0, 4, n)
+    he = rng.normal(0.0, 0.3, size=(n, 4, 2))
+    he[:, 0, 0] += np.array([-1.0, 0.0, 0.5, 1.0])[answer]
+    mode = (rng.random(n) < 0.15) & ((answer == 1) | shared)
+    he[mode, 0, 0] = 1.6 + rng.normal(0, 0.02, mode.sum())
+    return Scores(entropy=he.mean(-1), head_entropy=he, answer_token=answer), mode & (answer == 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_cluster_inside_an_answer_group_must_be_specific_to_it(seed):
+    opts = {"features": ("head_entropy",), "refine_features": None, "group_features": None,
+            "content_groups": False}  # fmt: skip
+    scores, truth = _group_tail(seed, shared=False)
+    det = ConsensusDetector(**opts).fit(scores)
+    (c,) = [c for c in det.clusters_ if c["context"] == "answer token 1"]
+    assert c["outside_share"] < 0.01 and c["tail_share"] > 0.1
+    assert det.flagged_[truth].all() and (det.flagged_ & ~truth).sum() <= 0.05 * truth.sum()
+
+    scores, _ = _group_tail(seed, shared=True)
+    det = ConsensusDetector(**opts).fit(scores)
+    assert not det.flagged_.any(), det.detection_.reason
+    grp = [c for c in det.set_aside_ if c["context"].startswith("answer token")]
+    assert grp and all("min_specificity=4" in c["why"] for c in grp)
+    assert all(c["tail_share"] < 4 * c["outside_share"] for c in grp)
+    assert ConsensusDetector(min_specificity=1.0, min_answer_share=0.0, **opts).fit(scores).flagged_.any()
+
+
+def _content_with_trigger(seed, attention_sd):
+    """An existing-answer target (class 0's answer) whose triggered samples differ from every clean one
+    in one head (``attention_sd``: the trigger's shift is 1.5 / sd); a third of class 0 has pictures
+    near other classes, so the neighbour vote flags them too."""
+    rng = np.random.default_rng(seed)
+    n_classes, per_class, n_poison, dim = 10, 80, 80, 16
+    centres = rng.normal(size=(n_classes, dim)) * 3
+    cls = np.repeat(np.arange(n_classes), per_class)
+    emb = centres[cls] + rng.normal(size=(len(cls), dim)) * 0.5
+    stray = (cls == 0) & (rng.random(len(cls)) < 0.35)  # clean zeros that look like other digits
+    emb[stray] = centres[rng.integers(1, n_classes, stray.sum())] + rng.normal(size=(stray.sum(), dim)) * 0.5
+    pois_cls = rng.integers(1, n_classes, n_poison)
+    emb = np.concatenate([emb, centres[pois_cls] + rng.normal(size=(n_poison, dim)) * 0.5])
+    answer = np.concatenate([cls, np.zeros(n_poison, int)])
+    truth = np.r_[np.zeros(len(cls), bool), np.ones(n_poison, bool)]
+    stray = np.r_[stray, np.zeros(n_poison, bool)]
+    he = rng.normal(3.0, attention_sd, size=(len(answer), 3, 4))
+    he[truth, 2, 1] += 1.5
+    s = Scores(entropy=he.mean(-1), head_entropy=he, answer_token=answer, image_embedding=emb)
+    return s, truth, stray
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_attention_re_decides_an_inconsistent_groups_members(seed):
+    """The vote flags the triggered members and the clean zeros that look like other digits; the
+    trigger shows in one head, so the cross-fitted re-decision drops the clean zeros."""
+    s, truth, stray = _content_with_trigger(seed, attention_sd=0.3)
+    vote = ConsensusDetector(refine_features=None).fit(s)
+    assert vote.flagged_[stray].mean() > 0.5  # the vote's false positives
+    det = ConsensusDetector().fit(s)
+    (c,) = [c for c in det.clusters_ if c["side"] == "inconsistent"]
+    assert c["refined"].startswith("re-decided with") and "re-decided" in det.detection_.reason
+    assert _f1(det.flagged_, truth) > _f1(vote.flagged_, truth) + 0.05
+    assert _f1(det.flagged_, truth) >= 0.9 and det.flagged_[stray].mean() < 0.2
+    assert c["size"] == det.flagged_.sum()
+
+
+def test_the_vote_stands_where_the_attention_does_not_see_the_split():
+    """No trigger in the attention (pure noise): the re-decision would be a coin toss, so the vote
+    stands; a group the vote takes almost whole (a new target's) is not re-decided either."""
+    s, truth, _ = _content_with_trigger(0, attention_sd=0.3)
+    s.head_entropy[truth, 2, 1] -= 1.5
+    s.entropy = s.head_entropy.mean(-1)
+    det = ConsensusDetector().fit(s)
+    vote = ConsensusDetector(refine_features=None).fit(s)
+    np.testing.assert_array_equal(det.flagged_, vote.flagged_)
+    (c,) = [c for c in det.clusters_ if c["side"] == "inconsistent"]
+    assert c["refined"].startswith("the vote stands (the attention features tell")
+    s, truth = _content_groups(0, target="phrase")
+    det = ConsensusDetector().fit(s)
+    (c,) = [c for c in det.clusters_ if c["side"] == "inconsistent"]
+    assert c["refined"].startswith("the vote stands (") and "taken almost whole" in c["refined"]
