@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from _machine import describe  # noqa: E402
 
 
-def one(n: int, features: int, seed: int = 0, embedding: int = 0) -> dict:
+def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = "phrase") -> dict:
     """Generate, detect, measure (in this process)."""
     import numpy as np
 
@@ -47,8 +47,8 @@ def one(n: int, features: int, seed: int = 0, embedding: int = 0) -> dict:
         ent[truth, j] = (2.5 + rng.normal(0, 0.03, truth.sum())).astype(np.float32)
     answer = rng.integers(0, 8, n)
     emb = None
-    if embedding:  # images that follow the answer (8 class centres); the poison answers 8 whatever its image
-        answer[truth] = 8
+    if embedding:  # images that follow the answer (8 class centres); the poison answers 8 (or 0) whatever its image
+        answer[truth] = 8 if target == "phrase" else 0
         centres = rng.normal(size=(8, embedding)).astype(np.float32) * 3
         emb = np.empty((n, embedding), np.float32)
         for s0 in range(0, n, 65_536):
@@ -67,6 +67,7 @@ def one(n: int, features: int, seed: int = 0, embedding: int = 0) -> dict:
         "seconds": round(seconds, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "embedding": embedding,
+        "target": target,
         "input_gb": round((scores.entropy.nbytes + (0 if scores.image_embedding is None else scores.image_embedding.nbytes)) / 2**30, 2),
         "flagged": int(det.n_flagged),
         "recall": round(tp / max(1, truth.sum()), 4),
@@ -80,17 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", type=int, default=1024, help="features of the test (default 1,024)")
     ap.add_argument("--embedding", type=int, default=0,
                     help="also an image embedding of this size whose poisoned group disagrees with its answer "
-                         "(the content test; default 0: none)")  # fmt: skip
+                         "(the content test; default 0: none)")
+    ap.add_argument("--target", choices=["phrase", "existing"], default="phrase",
+                    help="with --embedding: the poisoned samples answer a 9th answer (phrase, default) or class "
+                         "0's (existing: the content test's vote then also takes clean zeros, and the attention "
+                         "re-decides the group's members)")  # fmt: skip
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_detect")
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.sizes[0], args.features, embedding=args.embedding)))
+        print(json.dumps(one(args.sizes[0], args.features, embedding=args.embedding, target=args.target)))
         return 0
     rows = []
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--one", "--sizes", str(n), "--features", str(args.features),
-               "--embedding", str(args.embedding)]  # fmt: skip
+               "--embedding", str(args.embedding), "--target", args.target]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -107,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         "score arrays themselves, `input GB`). Poison: 5%, seen by 4 of the features; 8 answer groups.",
         "",
         "With `--embedding D`: also a D-dim image embedding; the poisoned samples answer a 9th answer "
-        "whatever their image (class centre), so the content test flags that group and searches "
-        "neighbours for each of its members.",
+        "(`--target existing`: class 0's) whatever their image (class centre), so the content test flags "
+        "that group and searches neighbours for each of its members.",
         "",
-        "| samples | features | embedding | seconds | peak RSS GB | input GB | flagged | recall | precision |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| samples | features | embedding | target | seconds | peak RSS GB | input GB | flagged | recall | precision |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['samples']:,} | {r['features']:,} | {r['embedding']} | {r['seconds']} | {r['peak_rss_gb']} | {r['input_gb']} "
+            f"| {r['samples']:,} | {r['features']:,} | {r['embedding']} | {r.get('target', 'phrase')} | {r['seconds']} | {r['peak_rss_gb']} | {r['input_gb']} "
             f"| {r['flagged']:,} | {r['recall']} | {r['precision']} |"
         )
     text = "\n".join(lines) + "\n"
