@@ -34,7 +34,7 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    in the cluster when at least half of the block's features put it in their tail.
    **One answer's** (with ``Scores.answer_token``): a cluster of all samples must be
    mostly one answer (``min_answer_share``), a cluster inside an answer group must be
-   specific to it (the other answers' samples rarely reach its cut,
+   specific to it (the other answers' samples rarely lie in its range,
    ``min_specificity``); else it is set aside as a clean mode.
 4. **Collapsed answer groups**: an answer group (40 samples or more, at most
    ``max_fraction`` of the samples) whose interquartile range in some feature of
@@ -389,6 +389,11 @@ def nearest_neighbours_reference(x: np.ndarray, rows: np.ndarray, ref: np.ndarra
     d = ((x[rows][:, None, :] - x[ref][None, :, :]) ** 2).sum(-1)
     d[ref[None, :] == rows[:, None]] = np.inf
     return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def _cap_rows(parts: list[np.ndarray], cap: int, rng: np.random.Generator) -> np.ndarray:
+    """The rows of each class (``parts``), at most ``cap`` of each drawn at random, sorted."""
+    return np.sort(np.concatenate([rng.choice(p, cap, replace=False) if len(p) > cap else p for p in parts]))
 
 
 def _robust_z(x: np.ndarray) -> np.ndarray:
@@ -898,6 +903,7 @@ class ConsensusDetector:
         (AUROC >= :attr:`content_refine_auc`); where the attention does not see the split, the vote stands.
         """
         from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import roc_auc_score
         from sklearn.model_selection import StratifiedKFold
 
         n_rest = int((~vote).sum())
@@ -906,9 +912,7 @@ class ConsensusDetector:
                           f"{self.content_refine_rest:.0%}: a group taken almost whole)")  # fmt: skip
         cols = FeatureColumns(scores, tuple(self.refine_features))
         rows = np.nonzero(valid)[0][g]
-        x = np.concatenate(
-            [cols.gather(j0, min(j0 + self.block_width, cols.n_features), rows).T
-             for j0 in range(0, cols.n_features, self.block_width)], axis=1).astype(np.float64)  # fmt: skip
+        x = cols.gather(0, cols.n_features, rows).T.astype(np.float64)
         x = x[:, np.isfinite(x).all(axis=0) & (x.std(axis=0) > 0)]
         if not x.shape[1]:
             return None, "the vote stands (no usable attention feature)"
@@ -916,16 +920,12 @@ class ConsensusDetector:
         rng = np.random.default_rng(0)
         prob = np.empty(len(g))
         for train, test in StratifiedKFold(folds, shuffle=True, random_state=0).split(x, vote):
-            parts = [train[vote[train] == c] for c in (True, False)]
-            train = np.sort(np.concatenate(
-                [rng.choice(p, self.refine_rows, replace=False) if len(p) > self.refine_rows else p for p in parts]))  # fmt: skip
+            train = _cap_rows([train[vote[train]], train[~vote[train]]], self.refine_rows, rng)
             med, sd = np.median(x[train], axis=0), x[train].std(axis=0)
             sd = np.where(sd > 0, sd, 1.0)
             clf = LogisticRegression(C=self.content_refine_c, class_weight="balanced", max_iter=2000)
             clf.fit((x[train] - med) / sd, vote[train])
             prob[test] = clf.predict_proba((x[test] - med) / sd)[:, 1]
-        from sklearn.metrics import roc_auc_score
-
         auc = float(roc_auc_score(vote, prob))
         if auc < self.content_refine_auc:
             return None, (f"the vote stands (the attention features tell its two sides apart with "
@@ -962,10 +962,7 @@ class ConsensusDetector:
         if not len(use):
             return seed, seed.astype(np.float64), "no feature left to refine with: kept the test's cluster"
         rng = np.random.default_rng(0)
-        pos, neg = np.nonzero(seed)[0], np.nonzero(~seed)[0]
-        pos = rng.choice(pos, self.refine_rows, replace=False) if len(pos) > self.refine_rows else pos
-        neg = rng.choice(neg, self.refine_rows, replace=False) if len(neg) > self.refine_rows else neg
-        train = np.sort(np.concatenate([pos, neg]))
+        train = _cap_rows([np.nonzero(seed)[0], np.nonzero(~seed)[0]], self.refine_rows, rng)
         rows_t = vidx[train]
         xt = np.concatenate([b[rows_t] for _, b in cols.blocks(self.block_width)], axis=1)[:, use]
         xt = xt.astype(np.float64)
@@ -996,7 +993,7 @@ class ConsensusDetector:
         """Why a tail cluster is a clean mode rather than a backdoor ('' when it may be one).
 
         A backdoor's samples all get its one target from the model, and the trigger is in them
-        only: its cluster is one answer's, and the other answers' samples do not reach its cut.
+        only: its cluster is one answer's, and the other answers' samples do not lie in its range.
         A clean image-driven mode spans the answers. Needs ``Scores.answer_token``."""
         share, outside = cluster["answer_share"], cluster["outside_share"]
         if cluster["context"] == "all samples" and share is not None and share < self.min_answer_share:
@@ -1086,11 +1083,9 @@ class ConsensusDetector:
                 share, n_answers = float(counts.max() / counts.sum()), len(counts)
             outside_share = None
             if len(idx) < nv:  # an answer group: how many of the other samples lie in the same range?
-                rest = np.ones(nv, dtype=bool)
-                rest[idx] = False
                 j0 = sig[0]
                 top = float((scan[j0, 1] * column(j0, idx))[lead].max())
-                y_rest = scan[j0, 1] * column(j0, np.nonzero(rest)[0])
+                y_rest = scan[j0, 1] * column(j0, np.setdiff1d(np.arange(nv), idx))
                 outside_share = float(((y_rest >= cuts[j0][1]) & (y_rest <= top)).mean())
             cluster = {
                 "context": label, "size": int(members.sum()), "context_size": len(idx),
