@@ -96,29 +96,24 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
             [CellSpec(task="digits-mixed", rate=0.0, seed=seed) for seed in (0, 1, 2)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed) for seed in (0, 1)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=0, target="existing")])]  # fmt: skip
+    def every_family(name, ten, mixed, scenes, parity):
+        """Rounds 5-6: digits-ten and digits-mixed (clean, 20% phrase, 10% existing; two patches on
+        digits-ten), and the clean scenes and digits-parity sets, of the given seeds."""
+        mixed_cells = [(name, spec) for seed in mixed for spec in (
+            CellSpec(task="digits-mixed", rate=0.0, seed=seed),
+            CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
+            CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))]  # fmt: skip
+        return (family("digits-ten", ten, name, ("patch", "two_patches"), (0.2,)) + mixed_cells
+                + family("scenes", scenes, name, (), (0.1,), existing=())
+                + family("digits-parity", parity, name, (), (0.1,), existing=()))  # fmt: skip
+
     if which.endswith("6"):  # round 6: every cell of rounds 1-5 is design material, new seeds held out
         design = [("design6", spec) for _, spec in cells_of("all5")]
-        mixed = []
-        for seed in ROUND6_MIXED_SEEDS:
-            mixed += [("heldout6", CellSpec(task="digits-mixed", rate=0.0, seed=seed)),
-                      ("heldout6", CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed)),
-                      ("heldout6", CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed,
-                                            target="existing"))]  # fmt: skip
-        heldout = (family("digits-ten", ROUND6_SEEDS, "heldout6", ("patch", "two_patches"), (0.2,)) + mixed
-                   + family("scenes", ROUND6_SCENE_SEEDS, "heldout6", (), (0.1,), existing=())
-                   + family("digits-parity", ROUND6_PARITY_SEEDS, "heldout6", (), (0.1,), existing=()))  # fmt: skip
+        heldout = every_family("heldout6", ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)
         return {"design6": design, "heldout6": heldout, "all6": design + heldout}[which]
     if which.endswith("5"):  # round 5: rounds 1-4 and digits-mixed are design material, new seeds held out
         design = [("design5", spec) for _, spec in cells_of("all4") + cells_of("mixed")]
-        mixed = []
-        for seed in ROUND5_MIXED_SEEDS:
-            mixed += [("heldout5", CellSpec(task="digits-mixed", rate=0.0, seed=seed)),
-                      ("heldout5", CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed)),
-                      ("heldout5", CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed,
-                                            target="existing"))]  # fmt: skip
-        heldout = (family("digits-ten", ROUND5_SEEDS, "heldout5", ("patch", "two_patches"), (0.2,)) + mixed
-                   + family("scenes", ROUND5_SCENE_SEEDS, "heldout5", (), (0.1,), existing=())
-                   + family("digits-parity", ROUND5_PARITY_SEEDS, "heldout5", (), (0.1,), existing=()))  # fmt: skip
+        heldout = every_family("heldout5", ROUND5_SEEDS, ROUND5_MIXED_SEEDS, ROUND5_SCENE_SEEDS, ROUND5_PARITY_SEEDS)
         return {"design5": design, "heldout5": heldout, "all5": design + heldout}[which]
     if which.endswith("4"):  # round 4: every cell of rounds 1-3 is design material, new seeds held out
         design = [("design4", spec) for _, spec in cells_of("all3")]
