@@ -69,6 +69,14 @@ ROUND6_MIXED_SEEDS = (6, 7, 8)
 ROUND6_SCENE_SEEDS = (15, 16, 17)
 #: digits-parity's round-6 held-out seeds (clean cells only).
 ROUND6_PARITY_SEEDS = (7, 8)
+#: Held-out seeds of round 7 (v8); every cell of rounds 1-6 became design material.
+ROUND7_SEEDS = (24, 25, 26)
+#: digits-mixed's round-7 held-out seeds.
+ROUND7_MIXED_SEEDS = (9, 10, 11)
+#: The scene task's round-7 held-out seeds (clean cells only).
+ROUND7_SCENE_SEEDS = (18, 19)
+#: digits-parity's round-7 held-out seeds (clean cells only).
+ROUND7_PARITY_SEEDS = (9, 10)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -97,7 +105,7 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed) for seed in (0, 1)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=0, target="existing")])]  # fmt: skip
     def every_family(name, ten, mixed, scenes, parity):
-        """Rounds 5-6: digits-ten and digits-mixed (clean, 20% phrase, 10% existing; two patches on
+        """Rounds 5-7: digits-ten and digits-mixed (clean, 20% phrase, 10% existing; two patches on
         digits-ten), and the clean scenes and digits-parity sets, of the given seeds."""
         mixed_cells = [(name, spec) for seed in mixed for spec in (
             CellSpec(task="digits-mixed", rate=0.0, seed=seed),
@@ -107,6 +115,10 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                 + family("scenes", scenes, name, (), (0.1,), existing=())
                 + family("digits-parity", parity, name, (), (0.1,), existing=()))  # fmt: skip
 
+    if which.endswith("7"):  # round 7: every cell of rounds 1-6 is design material, new seeds held out
+        design = [("design7", spec) for _, spec in cells_of("all6")]
+        heldout = every_family("heldout7", ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)
+        return {"design7": design, "heldout7": heldout, "all7": design + heldout}[which]
     if which.endswith("6"):  # round 6: every cell of rounds 1-5 is design material, new seeds held out
         design = [("design6", spec) for _, spec in cells_of("all5")]
         heldout = every_family("heldout6", ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)
@@ -205,9 +217,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, 3, 4, 5 or 6 (design6, heldout6, all6); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, 3, 4, 5, 6 or 7 (design7, heldout7, all7); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)

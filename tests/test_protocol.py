@@ -122,3 +122,18 @@ def test_round_six_holds_out_seeds_no_earlier_round_used():
     assert _seeds(heldout, "digits-parity") == set(det.ROUND6_PARITY_SEEDS)
     assert all(s.rate == 0 for _, s in heldout if s.task in ("scenes", "digits-parity"))
     assert len(heldout) == 12 + 9 + 3 + 2
+
+
+def test_round_seven_holds_out_seeds_no_earlier_round_used():
+    det = _detection()
+    design, heldout = det.cells_of("design7"), det.cells_of("heldout7")
+    earlier = det.cells_of("all6")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
+    for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
+        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
+    assert _seeds(heldout, "digits-ten") == set(det.ROUND7_SEEDS)
+    assert _seeds(heldout, "digits-mixed") == set(det.ROUND7_MIXED_SEEDS)
+    assert _seeds(heldout, "scenes") == set(det.ROUND7_SCENE_SEEDS)
+    assert _seeds(heldout, "digits-parity") == set(det.ROUND7_PARITY_SEEDS)
+    assert all(s.rate == 0 for _, s in heldout if s.task in ("scenes", "digits-parity"))
+    assert len(heldout) == 12 + 9 + 2 + 2
