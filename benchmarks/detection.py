@@ -323,7 +323,10 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout6", "Round 6, held-out cells (digits-ten seeds 21-23; digits-mixed seeds 6-8; "
+    for set_name, title in (("heldout7", "Round 7, held-out cells (digits-ten seeds 24-26; digits-mixed seeds 9-11; "
+                                          "clean scenes seeds 18-19; clean digits-parity seeds 9-10)"),
+                            ("design7", "Round 7, design cells (every cell of rounds 1-6)"),
+                            ("heldout6", "Round 6, held-out cells (digits-ten seeds 21-23; digits-mixed seeds 6-8; "
                                           "clean scenes seeds 15-17; clean digits-parity seeds 7-8)"),
                             ("design6", "Round 6, design cells (every cell of rounds 1-5)"),
                             ("heldout5", "Round 5, held-out cells (digits-ten seeds 18-20; digits-mixed seeds 3-5; "

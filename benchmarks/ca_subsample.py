@@ -1,0 +1,92 @@
+"""How much clean accuracy a fine-tune loses to having fewer samples: the fair comparator of "CA after".
+
+The detector issue's target compares the clean accuracy after a defence (fine-tuned again on the
+kept samples: a 20%-poisoned cell keeps ~80% of its data) with the clean cell's (fine-tuned on all
+800 clean samples). This script fine-tunes each clean cell of a protocol set again on a random
+``--fraction`` of its samples (same seed, same settings; ``bye_fast.lab.cell.retrain``) and
+reports both accuracies, so that a CA drop after a defence can be read against the drop that
+fewer samples alone cause.
+
+    python benchmarks/ca_subsample.py --set heldout7 --work W --fraction 0.8
+
+Writes benchmarks/results/ca_subsample.csv and .md (with the machine) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _machine import describe, write_csv  # noqa: E402
+from detection import DEFAULT_WORK, _init_worker, cells_of  # noqa: E402
+
+COLUMNS = ["task", "seed", "fraction", "n_kept", "ca_full", "ca_subsample", "drop", "seconds"]
+
+
+def one(work: str, task: str, seed: int, fraction: float) -> dict:
+    """Fine-tune the clean cell (task, seed) again on a seeded random ``fraction`` of its samples."""
+    import numpy as np
+
+    from bye_fast.lab.cell import CellSpec, prepare_cell, retrain
+
+    spec = CellSpec(task=task, rate=0.0, seed=seed)
+    cell = prepare_cell(spec, Path(work) / spec.name)
+    n = cell.scores.n_samples
+    keep = np.zeros(n, bool)
+    keep[np.random.default_rng(seed).choice(n, round(fraction * n), replace=False)] = True
+    t = time.perf_counter()
+    after = retrain(cell, keep)
+    return {"task": task, "seed": seed, "fraction": fraction, "n_kept": int(keep.sum()), "ca_full": cell.before["ca"],
+            "ca_subsample": after["ca"], "drop": cell.before["ca"] - after["ca"],
+            "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="heldout7", help="a protocol set of benchmarks/detection.py (default heldout7)")
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--fraction", type=float, default=0.8, help="share of the clean samples kept (default 0.8)")
+    ap.add_argument("--tasks", nargs="+", default=["digits-ten", "digits-mixed"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "ca_subsample")
+    args = ap.parse_args(argv)
+    if not 0 < args.fraction < 1:
+        raise SystemExit(f"--fraction must be in (0, 1); got {args.fraction}")
+    todo = sorted({(s.task, s.seed) for _, s in cells_of(args.set) if s.rate == 0 and s.task in args.tasks})
+    if not todo:
+        raise SystemExit(f"no clean cell of {args.tasks} in {args.set}")
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
+        rows = list(pool.map(one, *zip(*[(str(args.work), t, s, args.fraction) for t, s in todo], strict=True)))
+    for r in rows:
+        print(r, flush=True)
+    write_csv(args.out.with_suffix(".csv"), rows, COLUMNS)
+    drops = [r["drop"] for r in rows]
+    lines = [
+        "# Clean accuracy lost to fewer samples alone (the fair comparator of 'CA after')",
+        "",
+        f"Machine: {describe()}. Command: `python benchmarks/ca_subsample.py {' '.join(sys.argv[1:])}`.",
+        f"Each clean cell of `{args.set}` fine-tuned again on a random {args.fraction:.0%} of its samples "
+        "(same seed and settings): CA full = the clean cell's, CA subsample = after.",
+        "",
+        "| task | seed | samples kept | CA full | CA subsample | drop (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['task']} | {r['seed']} | {r['n_kept']} | {r['ca_full']:.3f} | {r['ca_subsample']:.3f} | "
+              f"{100 * r['drop']:.1f} |" for r in rows]  # fmt: skip
+    lines += ["", f"Drop median {100 * statistics.median(drops):.1f} points, worst {100 * max(drops):.1f}, "
+                  f"best {100 * min(drops):.1f}."]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
