@@ -8,6 +8,11 @@ reports both accuracies, so that a CA drop after a defence can be read against t
 fewer samples alone cause.
 
     python benchmarks/ca_subsample.py --set heldout7 --work W --fraction 0.8
+    python benchmarks/ca_subsample.py --set heldout7 --work W --oracle   # poisoned cells, poison removed by the truth
+
+``--oracle`` instead re-trains each poisoned cell (of ``--tasks``, at ``--rate``) on exactly its
+clean samples, as a perfect detector would leave them: the CA a defence can reach at best (the
+truth is read for that and nothing else).
 
 Writes benchmarks/results/ca_subsample.csv and .md (with the machine) and prints the table.
 """
@@ -27,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from _machine import describe, write_csv  # noqa: E402
 from detection import DEFAULT_WORK, _init_worker, cells_of  # noqa: E402
 
-COLUMNS = ["task", "seed", "fraction", "n_kept", "ca_full", "ca_subsample", "drop", "seconds"]
+COLUMNS = ["kind", "task", "trigger", "seed", "fraction", "n_kept", "ca_full", "ca_subsample", "drop", "seconds"]
 
 
 def one(work: str, task: str, seed: int, fraction: float) -> dict:
@@ -43,8 +48,24 @@ def one(work: str, task: str, seed: int, fraction: float) -> dict:
     keep[np.random.default_rng(seed).choice(n, round(fraction * n), replace=False)] = True
     t = time.perf_counter()
     after = retrain(cell, keep)
-    return {"task": task, "seed": seed, "fraction": fraction, "n_kept": int(keep.sum()), "ca_full": cell.before["ca"],
+    return {"kind": "subsample", "task": task, "trigger": "clean", "seed": seed, "fraction": fraction, "n_kept": int(keep.sum()), "ca_full": cell.before["ca"],
             "ca_subsample": after["ca"], "drop": cell.before["ca"] - after["ca"],
+            "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+
+
+def oracle(work: str, spec) -> dict:
+    """Re-train a poisoned cell on its clean samples only (by the truth); CA against its clean cell's."""
+    import json
+
+    from bye_fast.lab.cell import CellSpec, prepare_cell, retrain
+
+    cell = prepare_cell(spec, Path(work) / spec.name)
+    clean = json.loads((Path(work) / CellSpec(task=spec.task, rate=0.0, seed=spec.seed).name / "before.json").read_text())
+    t = time.perf_counter()
+    after = retrain(cell, ~cell.truth)
+    return {"kind": "oracle", "task": spec.task, "trigger": spec.trigger, "seed": spec.seed,
+            "fraction": 1 - spec.rate, "n_kept": int((~cell.truth).sum()), "ca_full": clean["ca"],
+            "ca_subsample": after["ca"], "drop": clean["ca"] - after["ca"],
             "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
 
 
@@ -54,32 +75,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--fraction", type=float, default=0.8, help="share of the clean samples kept (default 0.8)")
     ap.add_argument("--tasks", nargs="+", default=["digits-ten", "digits-mixed"])
+    ap.add_argument("--oracle", action="store_true",
+                    help="re-train the poisoned cells (phrase target, --rate) on their clean samples instead")
+    ap.add_argument("--rate", type=float, default=0.2, help="with --oracle: the poisoned cells' rate (default 0.2)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ca_subsample")
     args = ap.parse_args(argv)
     if not 0 < args.fraction < 1:
         raise SystemExit(f"--fraction must be in (0, 1); got {args.fraction}")
-    todo = sorted({(s.task, s.seed) for _, s in cells_of(args.set) if s.rate == 0 and s.task in args.tasks})
-    if not todo:
-        raise SystemExit(f"no clean cell of {args.tasks} in {args.set}")
-    with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
-        rows = list(pool.map(one, *zip(*[(str(args.work), t, s, args.fraction) for t, s in todo], strict=True)))
+    if args.oracle:
+        specs = [s for _, s in cells_of(args.set)
+                 if s.task in args.tasks and s.rate == args.rate and s.target == "phrase"]  # fmt: skip
+        if not specs:
+            raise SystemExit(f"no {args.rate:g} phrase cell of {args.tasks} in {args.set}")
+        with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
+            rows = list(pool.map(oracle, [str(args.work)] * len(specs), specs))
+    else:
+        todo = sorted({(s.task, s.seed) for _, s in cells_of(args.set) if s.rate == 0 and s.task in args.tasks})
+        if not todo:
+            raise SystemExit(f"no clean cell of {args.tasks} in {args.set}")
+        with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
+            rows = list(pool.map(one, *zip(*[(str(args.work), t, s, args.fraction) for t, s in todo], strict=True)))
     for r in rows:
         print(r, flush=True)
     write_csv(args.out.with_suffix(".csv"), rows, COLUMNS)
     drops = [r["drop"] for r in rows]
+    what = (f"Each {args.rate:.0%}-phrase cell of `{args.set}` fine-tuned again on exactly its clean samples "
+            "(the poisoned ones removed by the truth: a perfect defence), same seed and settings: CA full = the "
+            "clean cell's (all 800 samples clean), CA after = the re-trained model's."
+            if args.oracle else
+            f"Each clean cell of `{args.set}` fine-tuned again on a random {args.fraction:.0%} of its samples "
+            "(same seed and settings): CA full = the clean cell's, CA after = the re-trained model's.")  # fmt: skip
     lines = [
         "# Clean accuracy lost to fewer samples alone (the fair comparator of 'CA after')",
         "",
         f"Machine: {describe()}. Command: `python benchmarks/ca_subsample.py {' '.join(sys.argv[1:])}`.",
-        f"Each clean cell of `{args.set}` fine-tuned again on a random {args.fraction:.0%} of its samples "
-        "(same seed and settings): CA full = the clean cell's, CA subsample = after.",
+        what,
         "",
-        "| task | seed | samples kept | CA full | CA subsample | drop (points) |",
-        "|---|---|---|---|---|---|",
+        "| task | trigger | seed | samples kept | CA full | CA after | drop (points) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['task']} | {r['seed']} | {r['n_kept']} | {r['ca_full']:.3f} | {r['ca_subsample']:.3f} | "
-              f"{100 * r['drop']:.1f} |" for r in rows]  # fmt: skip
+    lines += [f"| {r['task']} | {r['trigger']} | {r['seed']} | {r['n_kept']} | {r['ca_full']:.3f} | "
+              f"{r['ca_subsample']:.3f} | {100 * r['drop']:.1f} |" for r in rows]  # fmt: skip
     lines += ["", f"Drop median {100 * statistics.median(drops):.1f} points, worst {100 * max(drops):.1f}, "
                   f"best {100 * min(drops):.1f}."]  # fmt: skip
     text = "\n".join(lines) + "\n"
