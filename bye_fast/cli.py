@@ -514,25 +514,33 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from bye_fast.lab.demo import run_demo
 
     opts = _detect_kwargs(args)
     # training is bit-reproducible for a seed AND a thread count; 1 thread matches the benchmarks
     torch.set_num_threads(args.threads)
-    run_demo(
-        out=args.out,
-        task=args.task,
-        trigger=args.trigger,
-        rate=args.rate,
-        seed=args.seed,
-        target=args.target,
-        method=opts.pop("method"),
-        detect_options=opts,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        plots=not args.no_plots,
-    )
+    quiet = args.no_progress and hf_logging.is_progress_bar_enabled()
+    if quiet:  # --no-progress: no transformers "Loading weights" bars either
+        hf_logging.disable_progress_bar()
+    try:
+        run_demo(
+            out=args.out,
+            task=args.task,
+            trigger=args.trigger,
+            rate=args.rate,
+            seed=args.seed,
+            target=args.target,
+            method=opts.pop("method"),
+            detect_options=opts,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            plots=not args.no_plots,
+        )
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     return 0
 
 

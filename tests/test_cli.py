@@ -164,6 +164,20 @@ def test_demo_passes_every_option_on(monkeypatch, tmp_path, capsys):
     assert "--threshold applies to --method paper" in capsys.readouterr().err
 
 
+def test_demo_no_progress_silences_transformers_bars_and_restores_them(monkeypatch, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    import bye_fast.lab.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.append(hf_logging.is_progress_bar_enabled()))
+    hf_logging.enable_progress_bar()
+    assert main(["demo", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    assert seen == [False, True]  # off during the --no-progress run only
+    assert hf_logging.is_progress_bar_enabled()  # and back on after it
+
+
 def test_help_and_version_do_not_load_torch():
     """`bye-fast --help`, `COMMAND --help` and `--version` answer without importing torch (fast)."""
     code = (
