@@ -56,3 +56,12 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def write_markdown(out: Path, lines: list[str]) -> str:
+    """``lines`` as ``<out>.md`` (one trailing newline), printed too; returns the text."""
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return text

@@ -4,9 +4,9 @@ The goal (detector issue): 1,000,000 samples x 1,024 features in at most 60 s an
 2-core machine. The input is a ``Scores`` whose ``entropy`` (the test's features) has 1,024
 columns, float32 (4 GB at 1M; the score arrays are part of the peak; the refinement reads the
 same columns less the test's), ``answer_token`` with 8 answer groups, and a 5% poisoned group
-that four of the features see (a tight cluster at the low end) -- so the run also checks that the
-poison is found. Each size runs in its own process so that the peak
-resident memory (``ru_maxrss``) is that size's alone.
+that four of the features see (a tight cluster at the low end) and that gives one answer, its
+target (``--target``) -- so the run also checks that the poison is found. Each size runs in its
+own process so that the peak resident memory (``ru_maxrss``) is that size's alone.
 
     python benchmarks/bench_detect.py                       # 10k, 100k and 1M samples x 1,024 features
     python benchmarks/bench_detect.py --sizes 100000 --features 256
@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe  # noqa: E402
+from _machine import describe, write_markdown  # noqa: E402
 
 
 def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = "phrase") -> dict:
@@ -46,9 +46,11 @@ def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = 
     for j in (features // 2, features // 2 + 1, features // 2 + 2, features // 2 + 3):
         ent[truth, j] = (2.5 + rng.normal(0, 0.03, truth.sum())).astype(np.float32)
     answer = rng.integers(0, 8, n)
+    # a backdoor's samples all give its one target: a 9th answer (phrase) or class 0's (existing); v7 sets
+    # aside an all-samples tail cluster spread over many answers as a clean mode (min_answer_share)
+    answer[truth] = 8 if target == "phrase" else 0
     emb = None
-    if embedding:  # images that follow the answer (8 class centres); the poison answers 8 (or 0) whatever its image
-        answer[truth] = 8 if target == "phrase" else 0
+    if embedding:  # images that follow the answer (8 class centres); the poison's whatever its answer
         centres = rng.normal(size=(8, embedding)).astype(np.float32) * 3
         emb = np.empty((n, embedding), np.float32)
         for s0 in range(0, n, 65_536):
@@ -123,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['samples']:,} | {r['features']:,} | {r['embedding']} | {r.get('target', 'phrase')} | {r['seconds']} | {r['peak_rss_gb']} | {r['input_gb']} "
             f"| {r['flagged']:,} | {r['recall']} | {r['precision']} |"
         )
-    text = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_markdown(args.out, lines)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe, write_csv  # noqa: E402
+from _machine import describe, write_csv, write_markdown  # noqa: E402
 from detection import DEFAULT_WORK, _init_worker, cells_of  # noqa: E402
 
 COLUMNS = ["kind", "task", "trigger", "seed", "fraction", "n_kept", "ca_full", "ca_subsample", "drop", "seconds"]
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ca_subsample']:.3f} | {100 * r['drop']:.1f} |" for r in rows]  # fmt: skip
     lines += ["", f"Drop median {100 * statistics.median(drops):.1f} points, worst {100 * max(drops):.1f}, "
                   f"best {100 * min(drops):.1f}."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_markdown(args.out, lines)
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe, write_csv  # noqa: E402
+from _machine import describe, write_csv, write_markdown  # noqa: E402
 from detection import DEFAULT_WORK, cells_of  # noqa: E402
 
 #: name -> (feature sets, training rows, sample weights, C); "v7" is the detector's own method.
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         worse = sum(r["cell_f1"] < v7[r["cell"]] - 1e-9 for r in learned if r["variant"] == name)
         lines.append(f"| {text} | {np.median(f):.3f} [{min(f):.3f}] | {sum(x < 0.85 for x in f)} | "
                      f"{'--' if name == 'v7' else f'{better} / {worse}'} |")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_markdown(args.out, lines)
     return 0
 
 

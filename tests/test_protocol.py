@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -109,31 +111,17 @@ def test_round_five_holds_out_seeds_no_earlier_round_used():
     assert all(s.trigger == "patch" for s in poisoned if s.task == "digits-mixed")
 
 
-def test_round_six_holds_out_seeds_no_earlier_round_used():
+@pytest.mark.parametrize("rnd, n_scenes", [(6, 3), (7, 2)])
+def test_rounds_six_and_seven_hold_out_seeds_no_earlier_round_used(rnd, n_scenes):
     det = _detection()
-    design, heldout = det.cells_of("design6"), det.cells_of("heldout6")
-    earlier = det.cells_of("all5")
+    design, heldout = det.cells_of(f"design{rnd}"), det.cells_of(f"heldout{rnd}")
+    earlier = det.cells_of(f"all{rnd - 1}")
     assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
     for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
         assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
-    assert _seeds(heldout, "digits-ten") == set(det.ROUND6_SEEDS)
-    assert _seeds(heldout, "digits-mixed") == set(det.ROUND6_MIXED_SEEDS)
-    assert _seeds(heldout, "scenes") == set(det.ROUND6_SCENE_SEEDS)
-    assert _seeds(heldout, "digits-parity") == set(det.ROUND6_PARITY_SEEDS)
+    assert _seeds(heldout, "digits-ten") == set(getattr(det, f"ROUND{rnd}_SEEDS"))
+    assert _seeds(heldout, "digits-mixed") == set(getattr(det, f"ROUND{rnd}_MIXED_SEEDS"))
+    assert _seeds(heldout, "scenes") == set(getattr(det, f"ROUND{rnd}_SCENE_SEEDS"))
+    assert _seeds(heldout, "digits-parity") == set(getattr(det, f"ROUND{rnd}_PARITY_SEEDS"))
     assert all(s.rate == 0 for _, s in heldout if s.task in ("scenes", "digits-parity"))
-    assert len(heldout) == 12 + 9 + 3 + 2
-
-
-def test_round_seven_holds_out_seeds_no_earlier_round_used():
-    det = _detection()
-    design, heldout = det.cells_of("design7"), det.cells_of("heldout7")
-    earlier = det.cells_of("all6")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
-    for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
-        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
-    assert _seeds(heldout, "digits-ten") == set(det.ROUND7_SEEDS)
-    assert _seeds(heldout, "digits-mixed") == set(det.ROUND7_MIXED_SEEDS)
-    assert _seeds(heldout, "scenes") == set(det.ROUND7_SCENE_SEEDS)
-    assert _seeds(heldout, "digits-parity") == set(det.ROUND7_PARITY_SEEDS)
-    assert all(s.rate == 0 for _, s in heldout if s.task in ("scenes", "digits-parity"))
-    assert len(heldout) == 12 + 9 + 2 + 2
+    assert len(heldout) == 12 + 9 + n_scenes + 2
