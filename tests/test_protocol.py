@@ -16,15 +16,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _detection():
+def _bench(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package; its scripts import each other)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("detection_bench", ROOT / "benchmarks" / "detection.py")
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     return mod
+
+
+def _detection():
+    return _bench("detection")
 
 
 def _seeds(cells, task=None):
@@ -125,3 +130,11 @@ def test_rounds_six_and_seven_hold_out_seeds_no_earlier_round_used(rnd, n_scenes
     assert _seeds(heldout, "digits-parity") == set(getattr(det, f"ROUND{rnd}_PARITY_SEEDS"))
     assert all(s.rate == 0 for _, s in heldout if s.task in ("scenes", "digits-parity"))
     assert len(heldout) == 12 + 9 + n_scenes + 2
+
+
+@pytest.mark.parametrize("embedding, target", [(0, "phrase"), (32, "phrase"), (32, "existing")])
+def test_bench_detect_data_is_found_by_the_default(embedding, target):
+    """The detect benchmark's synthetic poison is one a backdoor makes (one target answer): the
+    default must find it at a small size, or the benchmark's times are of a run that finds nothing."""
+    r = _bench("bench_detect").one(6000, 128, embedding=embedding, target=target)
+    assert r["recall"] >= 0.95 and r["precision"] >= 0.9, r
