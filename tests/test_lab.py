@@ -321,3 +321,18 @@ def test_a_prepared_cell_without_image_embeddings_is_scored_again(tmp_path, monk
     new.save(folder / "scores.npz")
     c = cell_mod.prepare_cell(spec, folder)
     assert calls == [folder] and c.scores.image_embedding.shape == (4, 3)  # reused, not scored again
+
+
+def test_demo_summary_says_dash_not_nan_when_nothing_is_removed():
+    from bye_fast.lab.demo import DemoResult, summary_table
+
+    r = DemoResult(task="digits-parity", trigger="patch", target="phrase", rate=0.1, seed=2, n_train=800,
+                   n_poisoned=80, n_image_tokens=144, n_text_layers=6, method="consensus", ca_before=0.889,
+                   asr_before=0.0, ca_after=0.889, asr_after=0.0, n_removed=0, removed_fraction=0.0,
+                   precision=float("nan"), recall=0.0, f1=0.0, reason="", paper_n_removed=0,
+                   paper_removed_fraction=0.0, paper_f1=0.0, paper_reason="", seconds={})  # fmt: skip
+    row = next(line for line in summary_table(r).splitlines() if "precision / recall / F1" in line)
+    assert "nan" not in row and "- / 0.000 / 0.000 (nothing removed)" in row
+    r.n_removed, r.precision, r.recall, r.f1 = 79, 0.937, 0.925, 0.931
+    row = next(line for line in summary_table(r).splitlines() if "precision / recall / F1" in line)
+    assert "0.937 / 0.925 / 0.931 |" in row

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -154,7 +155,8 @@ def summary_table(r: DemoResult) -> str:
         ("clean accuracy before -> after", f"{r.ca_before:.1%} -> {r.ca_after:.1%}"),
         ("attack success before -> after", f"{r.asr_before:.1%} -> {r.asr_after:.1%}"),
         (f"removed ({r.method}, the default)", f"{r.n_removed} ({r.removed_fraction:.1%})"),
-        ("precision / recall / F1", f"{r.precision:.3f} / {r.recall:.3f} / {r.f1:.3f}"),
+        ("precision / recall / F1", " / ".join("-" if math.isnan(v) else f"{v:.3f}" for v in (r.precision, r.recall, r.f1))
+         + (" (nothing removed)" if r.n_removed == 0 else "")),
         (
             "removed (paper's procedure)",
             f"{r.paper_n_removed} ({r.paper_removed_fraction:.1%}), F1 {r.paper_f1:.3f}",
