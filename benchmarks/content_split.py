@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from _machine import describe, write_csv, write_markdown  # noqa: E402
 from detection import DEFAULT_WORK, cells_of  # noqa: E402
 
-#: name -> (feature sets, training rows, sample weights, C); "v7" is the detector's own method.
+#: variant -> what decides the group's members (the table's rows); "v7" is the detector's own method.
 VARIANTS = {
     "vote": "the neighbour vote alone",
     "v7": "v7: attention features, cross-fitted L2 LR on the vote's labels",
