@@ -2,8 +2,10 @@
 
 The fast tests run the script at its tiny scale (same 576 image tokens, small widths) and check the
 LLaVA-1.5-7B configuration on the meta device (no memory); the slow one runs the 7B shape itself
-(~14 GB of bf16 weights, two processes one after the other; `python -m pytest -m slow`) and
-writes the recorded results, benchmarks/results/fullsize_cpu.csv and .md.
+(~14 GB of bf16 weights, two processes one after the other; `python -m pytest -m slow`) into a
+temporary folder: the recorded results, benchmarks/results/fullsize_cpu.csv and .md, come from
+running the benchmark itself (`OMP_NUM_THREADS=1 python benchmarks/bench_fullsize.py`), never
+from a test run.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ def _bench():
     return mod
 
 
-def _run_and_check(scale: str, out: Path | None) -> list[dict]:
-    """Run the script (``out`` None: its default, benchmarks/results/fullsize_cpu) and check what it wrote."""
+def _run_and_check(scale: str, out: Path) -> list[dict]:
+    """Run the script with ``--out out`` and check what it wrote."""
     bench = _bench()
-    csv_path, md_path = bench.main(["--scale", scale] + (["--out", str(out)] if out else []))
-    out = out or Path(bench.DEFAULT_OUT)
+    csv_path, md_path = bench.main(["--scale", scale, "--out", str(out)])
     assert csv_path == out.with_name(out.name + ".csv") and md_path == out.with_name(out.name + ".md")
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -74,12 +75,11 @@ def test_7b_configuration_shape():
 
 
 @pytest.mark.slow
-def test_7b_shape_two_samples():
-    """The full-size run: 2 samples, LLaVA-1.5-7B shape, random bf16 weights, score and reference.
-
-    Writes the recorded results, benchmarks/results/fullsize_cpu.csv and .md (needs ~16 GB free).
-    """
-    rows = _run_and_check("7b", None)
+def test_7b_shape_two_samples(tmp_path):
+    """The full-size run: 2 samples, LLaVA-1.5-7B shape, random bf16 weights, score and reference
+    (needs ~16 GB free). Written under ``tmp_path``: a test run does not overwrite the recorded
+    results (another thread count, another machine)."""
+    rows = _run_and_check("7b", tmp_path / "fullsize_cpu")
     score, ref = rows
     weights = float(score["weights_gb"])
     assert 13.5 < weights < 14.5
