@@ -41,6 +41,7 @@ rows). Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -160,6 +161,22 @@ def _one_line(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- model loading
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool):
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off while the
+    block runs when ``enabled`` is False, and back as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model_and_processor(
     model: str,
     processor: str | None,
@@ -178,14 +195,10 @@ def load_model_and_processor(
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-    from transformers.utils import logging as hf_logging
 
-    if not progress and hf_logging.is_progress_bar_enabled():
-        hf_logging.disable_progress_bar()
-        try:
+    if not progress:
+        with _hf_progress_bars(False):
             return load_model_and_processor(model, processor, dtype, device, adapter)
-        finally:
-            hf_logging.enable_progress_bar()
 
     torch_dtype = getattr(torch, dtype)
     path = Path(model)
@@ -514,17 +527,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
-    from transformers.utils import logging as hf_logging
 
     from bye_fast.lab.demo import run_demo
 
     opts = _detect_kwargs(args)
     # training is bit-reproducible for a seed AND a thread count; 1 thread matches the benchmarks
     torch.set_num_threads(args.threads)
-    quiet = args.no_progress and hf_logging.is_progress_bar_enabled()
-    if quiet:  # --no-progress: no transformers "Loading weights" bars either
-        hf_logging.disable_progress_bar()
-    try:
+    with _hf_progress_bars(not args.no_progress):  # --no-progress: transformers' bars too
         run_demo(
             out=args.out,
             task=args.task,
@@ -538,9 +547,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             plots=not args.no_plots,
         )
-    finally:
-        if quiet:
-            hf_logging.enable_progress_bar()
     return 0
 
 
