@@ -32,41 +32,44 @@ sys.path.insert(0, str(HERE))
 from _machine import describe, write_csv, write_markdown  # noqa: E402
 from detection import DEFAULT_WORK, _init_worker, cells_of  # noqa: E402
 
-COLUMNS = ["kind", "task", "trigger", "seed", "fraction", "n_kept", "ca_full", "ca_subsample", "drop", "seconds"]
+COLUMNS = ["kind", "task", "trigger", "seed", "fraction", "n_kept", "ca_full", "ca_after", "drop", "seconds"]
+
+
+def _retrain_row(kind: str, cell, keep, ca_full: float) -> dict:
+    """Re-train ``cell`` on its ``keep`` samples (``bye_fast.lab.cell.retrain``): one table row."""
+    from bye_fast.lab.cell import retrain
+
+    spec = cell.spec
+    t = time.perf_counter()
+    after = retrain(cell, keep)
+    return {"kind": kind, "task": spec.task, "trigger": spec.trigger if spec.rate > 0 else "clean", "seed": spec.seed,
+            "fraction": float(keep.mean()), "n_kept": int(keep.sum()), "ca_full": ca_full, "ca_after": after["ca"],
+            "drop": ca_full - after["ca"], "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
 
 
 def one(work: str, task: str, seed: int, fraction: float) -> dict:
     """Fine-tune the clean cell (task, seed) again on a seeded random ``fraction`` of its samples."""
     import numpy as np
 
-    from bye_fast.lab.cell import CellSpec, prepare_cell, retrain
+    from bye_fast.lab.cell import CellSpec, prepare_cell
 
     spec = CellSpec(task=task, rate=0.0, seed=seed)
     cell = prepare_cell(spec, Path(work) / spec.name)
     n = cell.scores.n_samples
     keep = np.zeros(n, bool)
     keep[np.random.default_rng(seed).choice(n, round(fraction * n), replace=False)] = True
-    t = time.perf_counter()
-    after = retrain(cell, keep)
-    return {"kind": "subsample", "task": task, "trigger": "clean", "seed": seed, "fraction": fraction, "n_kept": int(keep.sum()), "ca_full": cell.before["ca"],
-            "ca_subsample": after["ca"], "drop": cell.before["ca"] - after["ca"],
-            "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+    return _retrain_row("subsample", cell, keep, cell.before["ca"])
 
 
 def oracle(work: str, spec) -> dict:
     """Re-train a poisoned cell on its clean samples only (by the truth); CA against its clean cell's."""
     import json
 
-    from bye_fast.lab.cell import CellSpec, prepare_cell, retrain
+    from bye_fast.lab.cell import CellSpec, prepare_cell
 
     cell = prepare_cell(spec, Path(work) / spec.name)
     clean = json.loads((Path(work) / CellSpec(task=spec.task, rate=0.0, seed=spec.seed).name / "before.json").read_text())
-    t = time.perf_counter()
-    after = retrain(cell, ~cell.truth)
-    return {"kind": "oracle", "task": spec.task, "trigger": spec.trigger, "seed": spec.seed,
-            "fraction": 1 - spec.rate, "n_kept": int((~cell.truth).sum()), "ca_full": clean["ca"],
-            "ca_subsample": after["ca"], "drop": clean["ca"] - after["ca"],
-            "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+    return _retrain_row("oracle", cell, ~cell.truth, clean["ca"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['task']} | {r['trigger']} | {r['seed']} | {r['n_kept']} | {r['ca_full']:.3f} | "
-              f"{r['ca_subsample']:.3f} | {100 * r['drop']:.1f} |" for r in rows]  # fmt: skip
+              f"{r['ca_after']:.3f} | {100 * r['drop']:.1f} |" for r in rows]  # fmt: skip
     lines += ["", f"Drop median {100 * statistics.median(drops):.1f} points, worst {100 * max(drops):.1f}, "
                   f"best {100 * min(drops):.1f}."]  # fmt: skip
     write_markdown(args.out, lines)
