@@ -43,9 +43,9 @@ VARIANTS = {
 
 
 def _f1(flag: np.ndarray, truth: np.ndarray) -> float:
-    tp = float((flag & truth).sum())
-    p, r = tp / max(1, flag.sum()), tp / max(1, truth.sum())
-    return 2 * p * r / max(1e-12, p + r)
+    from bye_fast.lab.metrics import detection_metrics
+
+    return detection_metrics(truth, flag, flag.astype(np.float64))["f1"]
 
 
 def _crossfit(x: np.ndarray, label: np.ndarray, *, c: float = 0.01, weight=None, train_mask=None) -> np.ndarray:
@@ -57,10 +57,11 @@ def _crossfit(x: np.ndarray, label: np.ndarray, *, c: float = 0.01, weight=None,
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x, label):
         if train_mask is not None:
             train = train[train_mask[train]]
-        med, sd = np.median(x[train], axis=0), x[train].std(axis=0)
+        xt = x[train]
+        med, sd = np.median(xt, axis=0), xt.std(axis=0)
         sd = np.where(sd > 0, sd, 1.0)
         clf = LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
-        clf.fit((x[train] - med) / sd, label[train], sample_weight=None if weight is None else weight[train])
+        clf.fit((xt - med) / sd, label[train], sample_weight=None if weight is None else weight[train])
         prob[test] = clf.predict_proba((x[test] - med) / sd)[:, 1]
     return prob
 
@@ -79,18 +80,19 @@ def split_cell(folder: Path) -> list[dict]:
     det = ConsensusDetector()
     valid = np.ones(scores.n_samples, bool)
     groups = det._answer_groups(scores, valid)
+    # every sample's features, once per cell: attention (the re-decision's), + hidden state, and
+    # both with the image content regressed out (ridge on the standardised embedding)
+    cols = FeatureColumns(scores, tuple(det.refine_features))
+    every = cols.gather(0, cols.n_features, np.arange(scores.n_samples)).T.astype(np.float64)
+    attn_all = every[:, np.isfinite(every).all(axis=0) & (every.std(axis=0) > 0)]
+    both_all = np.hstack([attn_all, np.asarray(scores.hidden, np.float64)])
+    z = (both_all - both_all.mean(axis=0)) / (both_all.std(axis=0) + 1e-12)
+    e = np.asarray(scores.image_embedding, np.float64)
+    e = (e - e.mean(axis=0)) / (e.std(axis=0) + 1e-12)
+    deconf = z - Ridge(alpha=10.0).fit(e, z).predict(e)
     rows = []
     for token, g, outside, _ in det._inconsistent_groups(scores, valid, groups):
         vote = outside > 0.5
-        cols = FeatureColumns(scores, tuple(det.refine_features))
-        every = cols.gather(0, cols.n_features, np.arange(scores.n_samples)).T.astype(np.float64)
-        usable = np.isfinite(every).all(axis=0) & (every.std(axis=0) > 0)
-        attn_all = every[:, usable]
-        both_all = np.hstack([attn_all, np.asarray(scores.hidden, np.float64)])
-        z = (both_all - both_all.mean(axis=0)) / (both_all.std(axis=0) + 1e-12)
-        e = np.asarray(scores.image_embedding, np.float64)
-        e = (e - e.mean(axis=0)) / (e.std(axis=0) + 1e-12)
-        deconf = z - Ridge(alpha=10.0).fit(e, z).predict(e)
         attn, both = attn_all[g], both_all[g]
         margin = np.abs(outside - 0.5) * 2 + 0.05
         prob_v7, _ = det._refine_content(scores, valid, g, vote)
