@@ -50,7 +50,7 @@ def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = 
     # aside an all-samples tail cluster spread over many answers as a clean mode (min_answer_share)
     answer[truth] = 8 if target == "phrase" else 0
     emb = None
-    if embedding:  # images that follow the answer (8 class centres); the poison's whatever its answer
+    if embedding:  # images that follow the answer (8 class centres); a poisoned image is of any class
         centres = rng.normal(size=(8, embedding)).astype(np.float32) * 3
         emb = np.empty((n, embedding), np.float32)
         for s0 in range(0, n, 65_536):

@@ -115,18 +115,17 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                 + family("scenes", scenes, name, (), (0.1,), existing=())
                 + family("digits-parity", parity, name, (), (0.1,), existing=()))  # fmt: skip
 
-    if which.endswith("7"):  # round 7: every cell of rounds 1-6 is design material, new seeds held out
-        design = [("design7", spec) for _, spec in cells_of("all6")]
-        heldout = every_family("heldout7", ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)
-        return {"design7": design, "heldout7": heldout, "all7": design + heldout}[which]
-    if which.endswith("6"):  # round 6: every cell of rounds 1-5 is design material, new seeds held out
-        design = [("design6", spec) for _, spec in cells_of("all5")]
-        heldout = every_family("heldout6", ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)
-        return {"design6": design, "heldout6": heldout, "all6": design + heldout}[which]
-    if which.endswith("5"):  # round 5: rounds 1-4 and digits-mixed are design material, new seeds held out
-        design = [("design5", spec) for _, spec in cells_of("all4") + cells_of("mixed")]
-        heldout = every_family("heldout5", ROUND5_SEEDS, ROUND5_MIXED_SEEDS, ROUND5_SCENE_SEEDS, ROUND5_PARITY_SEEDS)
-        return {"design5": design, "heldout5": heldout, "all5": design + heldout}[which]
+    every_family_rounds = {  # round: (the sets that are its design material, its held-out seeds of each family)
+        "5": (("all4", "mixed"), (ROUND5_SEEDS, ROUND5_MIXED_SEEDS, ROUND5_SCENE_SEEDS, ROUND5_PARITY_SEEDS)),
+        "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
+        "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
+    }
+    if which[-1:] in every_family_rounds:  # rounds 5-7: every earlier cell is design material, new seeds held out
+        rnd = which[-1]
+        earlier, seeds = every_family_rounds[rnd]
+        design = [(f"design{rnd}", spec) for name in earlier for _, spec in cells_of(name)]
+        heldout = every_family(f"heldout{rnd}", *seeds)
+        return {f"design{rnd}": design, f"heldout{rnd}": heldout, f"all{rnd}": design + heldout}[which]
     if which.endswith("4"):  # round 4: every cell of rounds 1-3 is design material, new seeds held out
         design = [("design4", spec) for _, spec in cells_of("all3")]
         heldout = (family("digits-ten", ROUND4_SEEDS, "heldout4", ("patch", "two_patches"), (0.2,))
