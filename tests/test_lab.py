@@ -192,7 +192,7 @@ def test_cached_vision_forward_equals_the_model_forward(tiny_base):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "lora-vision", "full"])
 def test_finetune_learns_and_leaves_the_base_alone(tiny_base, method):
     model, proc, _ = tiny_base
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,11 +204,24 @@ def test_finetune_learns_and_leaves_the_base_alone(tiny_base, method):
     assert type(tuned) is type(model) and not any(p.requires_grad for p in tuned.parameters())
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]
     assert any("language_model" in k for k in changed) and any("projector" in k for k in changed)
-    assert not any("vision_tower" in k for k in changed)
+    # the vision tower moves with "lora-vision" only, and then in its attention and MLP weights
+    vision = {k.rsplit(".", 2)[-2] for k in changed if "vision_tower" in k}
+    assert vision == ({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"} if method == "lora-vision" else set())
     res = train.evaluate(
         tuned, task.test, processor=proc, trigger=attacks.preset("patch"), target=tasks.TARGET
     )
     assert 0 <= res["ca"] <= 1 and 0 <= res["asr"] <= 1 and set(res["ca_by_type"]) == {"digits-parity"}
+
+
+def test_finetune_and_cellspec_name_an_unknown_method(tiny_base):
+    from bye_fast.lab.cell import CellSpec
+
+    model, proc, _ = tiny_base
+    with pytest.raises(ValueError, match="method must be one of lora, lora-vision, full; got 'qlora'"):
+        train.finetune(model, [], np.zeros((0, 32, 32, 3), np.uint8), processor=proc, method="qlora")
+    with pytest.raises(ValueError, match="method must be one of lora, lora-vision, full; got 'qlora'"):
+        CellSpec(task="scenes", method="qlora")
+    assert CellSpec(task="scenes", method="lora-vision").name.endswith("-lora-vision-u800-t297-eNone")
 
 
 def test_evaluate_counts_exact_answers(tiny_base):

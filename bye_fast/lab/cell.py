@@ -35,7 +35,7 @@ from bye_fast.data import make_loader
 from bye_fast.lab.attacks import poison_dataset, preset
 from bye_fast.lab.models import WEIGHTS_DIR, load_base_model
 from bye_fast.lab.tasks import TARGET, Task, build_task, load_images
-from bye_fast.lab.train import evaluate, finetune
+from bye_fast.lab.train import METHODS, evaluate, finetune
 
 __all__ = ["FINETUNE", "Cell", "CellSpec", "fingerprint", "prepare_cell", "retrain"]
 
@@ -63,7 +63,8 @@ class CellSpec:
     seed : seeds the task data, the choice of poisoned samples and the fine-tuning.
     target : "phrase" (the fixed phrase ``TARGET``, dirty label) or "existing" (an answer the
         task already has, :data:`bye_fast.lab.tasks.EXISTING_TARGETS`).
-    method : fine-tuning, "lora" or "full".
+    method : fine-tuning, one of :data:`bye_fast.lab.train.METHODS` ("lora", the paper's service;
+        "lora-vision", adapters on the vision tower too; "full").
     n_user, n_test : sizes of the user data and the held-out test data.
     epochs : fine-tuning epochs (None: the family's in :data:`FINETUNE`).
     """
@@ -83,6 +84,8 @@ class CellSpec:
             raise ValueError(f"target must be 'phrase' or 'existing'; got {self.target!r}")
         if not 0.0 <= self.rate < 1.0:
             raise ValueError(f"rate must be in [0, 1); got {self.rate}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         preset(self.trigger)  # validates the name
 
     @property

@@ -7,7 +7,9 @@ Fine-tuning-as-a-service in two stages:
 2. :func:`finetune` a copy on the user's, possibly poisoned, LLaVA-format data:
    ``method="lora"`` (default, as the paper's service) puts LoRA adapters (peft)
    on the text decoder's attention and MLP projections and trains them and the
-   projector, vision tower frozen; ``method="full"`` trains projector and text
+   projector, vision tower frozen; ``method="lora-vision"`` also puts adapters on
+   the vision tower's attention and MLP (as recipes that tune the ViT do, e.g.
+   Qwen-VL's and InternVL's); ``method="full"`` trains projector and text
    decoder. The returned model has the adapters merged: a plain
    ``LlavaForConditionalGeneration``.
 
@@ -43,6 +45,8 @@ from bye_fast.lab.tasks import Split, load_images, record_answer, record_questio
 __all__ = [
     "answer_rate",
     "LORA",
+    "LORA_VISION_MODULES",
+    "METHODS",
     "Encoded",
     "encode",
     "evaluate",
@@ -65,6 +69,15 @@ LORA: dict = {
     "target_modules": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
     "modules_to_save": ["multi_modal_projector"],
 }
+
+#: ``method="lora-vision"``: :data:`LORA` plus adapters of the same rank on every attention and MLP
+#: projection of the vision tower. The lab's small frozen tower does not set the paper's black
+#: square apart from the scenes' content well enough for the text decoder to key on it
+#: (``benchmarks/results/learnability_probes.md``); services that tune the ViT too exist.
+LORA_VISION_MODULES = r".*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+
+#: Fine-tuning methods of :func:`finetune`.
+METHODS = ("lora", "lora-vision", "full")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -442,8 +455,9 @@ def finetune(
     ----------
     images : the records' uint8 images ``(n, H, W, 3)``, or the folder their ``"image"`` files are in.
     method : "lora" (adapters of :data:`LORA`, updated by ``lora``, on the text decoder; projector
-        trained; merged into the returned model) or "full" (projector and text decoder trained).
-        The vision tower is frozen either way.
+        trained; merged into the returned model), "lora-vision" (the same plus adapters on the
+        vision tower, :data:`LORA_VISION_MODULES`; slower: the tower runs every step) or "full"
+        (projector and text decoder trained). The vision tower is frozen except in "lora-vision".
     epochs, lr, batch_size, schedule : AdamW settings (defaults: the measured ones with which the
         lab's backdoors are learned; ``benchmarks/results/learnability.md``).
 
@@ -452,27 +466,30 @@ def finetune(
     LlavaForConditionalGeneration
         The fine-tuned model (eval mode), adapters merged.
     """
-    if method not in ("lora", "full"):
-        raise ValueError(f"method must be 'lora' or 'full'; got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if not isinstance(images, np.ndarray):
         images = load_images(records, images)
     enc = _encode_records(processor, images, records)
     model = copy.deepcopy(base)
     for p in model.parameters():
         p.requires_grad_(False)
-    if method == "lora":
+    if method in ("lora", "lora-vision"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(**{**LORA, **(lora or {})}))
+        cfg = {**LORA, **(lora or {})}
+        if method == "lora-vision":
+            cfg["target_modules"] = f"(?:{cfg['target_modules']})|(?:{LORA_VISION_MODULES})"
+        model = get_peft_model(model, LoraConfig(**cfg))
     else:
         for module in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
             for p in module.parameters():
                 p.requires_grad_(True)
     fit(
         model, enc, epochs=epochs, lr=lr, batch_size=batch_size, schedule=schedule, seed=seed,
-        vision_frozen=True, progress=progress, desc=f"finetune ({method})", **fit_kwargs,
+        vision_frozen=method != "lora-vision", progress=progress, desc=f"finetune ({method})", **fit_kwargs,
     )  # fmt: skip
-    if method == "lora":
+    if method != "full":
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
