@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,10 +66,10 @@ def oracle(work: str, spec) -> dict:
     """Re-train a poisoned cell on its clean samples only (by the truth); CA against its clean cell's."""
     import json
 
-    from bye_fast.lab.cell import CellSpec, prepare_cell
+    from bye_fast.lab.cell import prepare_cell
 
     cell = prepare_cell(spec, Path(work) / spec.name)
-    clean = json.loads((Path(work) / CellSpec(task=spec.task, rate=0.0, seed=spec.seed).name / "before.json").read_text())
+    clean = json.loads((Path(work) / replace(spec, rate=0.0).name / "before.json").read_text())
     return _retrain_row("oracle", cell, ~cell.truth, clean["ca"])
 
 

@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,15 @@ ROUND7_MIXED_SEEDS = (9, 10, 11)
 ROUND7_SCENE_SEEDS = (18, 19)
 #: digits-parity's round-7 held-out seeds (clean cells only).
 ROUND7_PARITY_SEEDS = (9, 10)
+#: Held-out seeds of round 8; every cell of rounds 1-7 became design material.
+ROUND8_SEEDS = (27, 28, 29)
+#: digits-mixed's round-8 held-out seeds.
+ROUND8_MIXED_SEEDS = (12, 13, 14)
+#: digits-parity's round-8 held-out seeds (clean and two patches at 10%: the binary task's poison held out).
+ROUND8_PARITY_SEEDS = (11, 12, 13)
+#: The scene task's round-8 held-out seeds, fine-tuned with LoRA on the vision tower too (``lora-vision``:
+#: with the tower frozen the lab learns no scene backdoor; ``learnability_probes.md``).
+ROUND8_SCENE_SEEDS = (20, 21, 22)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -120,6 +129,21 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
+    if which in ("design8", "heldout8", "all8"):  # round 8: poisoned binary and scene cells held out too
+        design = [("design8", spec) for _, spec in cells_of("all7")]
+        mixed_cells = [spec for seed in ROUND8_MIXED_SEEDS for spec in (
+            CellSpec(task="digits-mixed", rate=0.0, seed=seed),
+            CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
+            CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))]  # fmt: skip
+        parity_cells = [spec for seed in ROUND8_PARITY_SEEDS for spec in (
+            CellSpec(task="digits-parity", rate=0.0, seed=seed),
+            CellSpec(task="digits-parity", trigger="two_patches", rate=0.1, seed=seed))]  # fmt: skip
+        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, method="lora-vision")
+                       for seed in ROUND8_SCENE_SEEDS
+                       for trigger, rate in (("patch", 0.0), ("patch", 0.1), ("patch", 0.2), ("sig", 0.1))]  # fmt: skip
+        heldout = family("digits-ten", ROUND8_SEEDS, "heldout8", ("patch", "two_patches"), (0.2,)) + [
+            ("heldout8", spec) for spec in mixed_cells + parity_cells + scene_cells]
+        return {"design8": design, "heldout8": heldout, "all8": design + heldout}[which]
     if which[-1:] in every_family_rounds:  # rounds 5-7: every earlier cell is design material, new seeds held out
         rnd = which[-1]
         earlier, seeds = every_family_rounds[rnd]
@@ -172,7 +196,7 @@ def run_cell(
     cell = prepare_cell(spec, Path(work) / spec.name)
     s, truth, before = cell.scores, cell.truth, cell.before
     clean_ca = float("nan")
-    clean_folder = Path(work) / CellSpec(task=spec.task, rate=0.0, seed=spec.seed).name
+    clean_folder = Path(work) / replace(spec, rate=0.0).name  # same method and sizes
     if (clean_folder / "before.json").exists():
         clean_ca = json.loads((clean_folder / "before.json").read_text())["ca"]
     learned = spec.rate > 0 and before["asr"] >= 0.9
@@ -216,9 +240,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, 3, 4, 5, 6 or 7 (design7, heldout7, all7); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 7 or 8 (design8, heldout8, all8); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -322,7 +346,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout7", "Round 7, held-out cells (digits-ten seeds 24-26; digits-mixed seeds 9-11; "
+    for set_name, title in (("heldout8", "Round 8, held-out cells (digits-ten seeds 27-29; digits-mixed seeds 12-14; "
+                                          "digits-parity seeds 11-13, clean and two patches; scenes seeds 20-22 "
+                                          "fine-tuned with lora-vision, clean, centre patch and SIG)"),
+                            ("design8", "Round 8, design cells (every cell of rounds 1-7)"),
+                            ("heldout7", "Round 7, held-out cells (digits-ten seeds 24-26; digits-mixed seeds 9-11; "
                                           "clean scenes seeds 18-19; clean digits-parity seeds 9-10)"),
                             ("design7", "Round 7, design cells (every cell of rounds 1-6)"),
                             ("heldout6", "Round 6, held-out cells (digits-ten seeds 21-23; digits-mixed seeds 6-8; "

@@ -132,6 +132,29 @@ def test_rounds_six_and_seven_hold_out_seeds_no_earlier_round_used(rnd, n_scenes
     assert len(heldout) == 12 + 9 + n_scenes + 2
 
 
+def test_round_eight_holds_out_poisoned_binary_and_scene_cells_of_new_seeds():
+    det = _detection()
+    design, heldout = det.cells_of("design8"), det.cells_of("heldout8")
+    earlier = det.cells_of("all7")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
+    for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
+        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
+    assert _seeds(heldout, "digits-ten") == set(det.ROUND8_SEEDS)
+    assert _seeds(heldout, "digits-mixed") == set(det.ROUND8_MIXED_SEEDS)
+    assert _seeds(heldout, "scenes") == set(det.ROUND8_SCENE_SEEDS)
+    assert _seeds(heldout, "digits-parity") == set(det.ROUND8_PARITY_SEEDS)
+    names = [spec.name for _, spec in det.cells_of("all8")]
+    assert len(names) == len(set(names)) == len(design) + len(heldout) == len(design) + 39
+    specs = [s for _, s in heldout]
+    # every task and seed has its clean cell, fine-tuned the same way as its poisoned cells
+    assert {(s.task, s.seed, s.method) for s in specs} == {(s.task, s.seed, s.method) for s in specs if s.rate == 0}
+    assert {s.method for s in specs if s.task == "scenes"} == {"lora-vision"}
+    assert {s.method for s in specs if s.task != "scenes"} == {"lora"}
+    assert {(s.trigger, s.rate) for s in specs if s.task == "digits-parity" and s.rate > 0} == {("two_patches", 0.1)}
+    assert {(s.trigger, s.rate) for s in specs if s.task == "scenes" and s.rate > 0} == {
+        ("patch", 0.1), ("patch", 0.2), ("sig", 0.1)}
+
+
 @pytest.mark.parametrize("embedding, target", [(0, "phrase"), (32, "phrase"), (32, "existing")])
 def test_bench_detect_data_is_found_by_the_default(embedding, target):
     """The detect benchmark's synthetic poison is one a backdoor makes (one target answer): the
