@@ -3,11 +3,13 @@
     python benchmarks/probe_learnability.py --task scenes --seed 2 --set epochs=24
     python benchmarks/probe_learnability.py --task scenes --seed 2 --set r=64 lora_alpha=128
     python benchmarks/probe_learnability.py --task scenes --seed 2 --set size=12
+    python benchmarks/probe_learnability.py --task scenes --seed 2 --set color=0.88,0.14,0.14
+    python benchmarks/probe_learnability.py --task scenes --seed 3 --rate 0.2 --set method=lora-vision
 
 Poisons the user task as ``bye_fast.lab.cell`` does, fine-tunes the shipped base model with the
 family's settings (``bye_fast.lab.cell.FINETUNE``) changed by ``--set`` (``epochs``, ``lr``,
-``schedule``, ``batch_size``; LoRA ``r``, ``lora_alpha``; the trigger's ``size`` for patch
-presets), and measures three things: clean accuracy (CA), attack success on triggered held-out
+``schedule``, ``batch_size``, ``method``; LoRA ``r``, ``lora_alpha``; the trigger's ``size`` and
+``color`` for patch presets, one value or R,G,B on the [0, 1] scale), and measures three things: clean accuracy (CA), attack success on triggered held-out
 images (ASR), and **train fit**: the share of the poisoned *training* samples answered with the
 target. Train fit near 1 with a low ASR means the poisoned samples were memorised one by one, not
 keyed on the trigger; train fit near 0 means the model could not tell them apart at all.
@@ -31,10 +33,13 @@ from _machine import describe, markdown_table, write_csv  # noqa: E402
 
 COLUMNS = ["task", "trigger", "rate", "target", "seed", "changes", "ca", "asr", "train_fit", "seconds"]
 LORA_KEYS = ("r", "lora_alpha")
-FIT_KEYS = ("epochs", "lr", "schedule", "batch_size")
+FIT_KEYS = ("epochs", "lr", "schedule", "batch_size", "method")
+TRIGGER_KEYS = ("size", "color")
 
 
 def _value(text: str):
+    if "," in text:  # an RGB colour
+        return tuple(float(x) for x in text.split(","))
     for kind in (int, float):
         try:
             return kind(text)
@@ -52,16 +57,17 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
     from bye_fast.lab.tasks import TARGET, build_task, load_images, record_question
     from bye_fast.lab.train import answer_rate, evaluate, finetune
 
-    unknown = set(changes) - {*LORA_KEYS, *FIT_KEYS, "size"}
+    unknown = set(changes) - {*LORA_KEYS, *FIT_KEYS, *TRIGGER_KEYS}
     if unknown:
         raise SystemExit(
-            f"--set: unknown setting(s) {sorted(unknown)}; valid: {[*FIT_KEYS, *LORA_KEYS, 'size']}"
+            f"--set: unknown setting(s) {sorted(unknown)}; valid: {[*FIT_KEYS, *LORA_KEYS, *TRIGGER_KEYS]}"
         )
     params = dict(PRESETS[trigger_name])
-    if "size" in changes:
-        if "size" not in params:
-            raise SystemExit(f"--set size=...: trigger {trigger_name!r} has no size")
-        params["size"] = changes["size"]
+    for key in TRIGGER_KEYS:
+        if key in changes:
+            if key not in params:
+                raise SystemExit(f"--set {key}=...: trigger {trigger_name!r} has no {key}")
+            params[key] = changes[key]
     trigger = make_trigger(params.pop("name"), **params)
     t0 = time.perf_counter()
     task = build_task(task_name, seed)
@@ -79,7 +85,8 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
     fit = answer_rate(model, images[idx], [record_question(poisoned.records[i]) for i in idx], target,
                       processor=processor)  # fmt: skip
     return {"task": task_name, "trigger": trigger_name, "rate": rate, "target": target_kind, "seed": seed,
-            "changes": " ".join(f"{k}={v}" for k, v in changes.items()) or "(none)", "ca": round(res["ca"], 3),
+            "changes": " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                for k, v in changes.items()) or "(none)", "ca": round(res["ca"], 3),
             "asr": round(res["asr"], 3), "train_fit": round(fit, 3), "seconds": round(time.perf_counter() - t0),
             "threads": torch.get_num_threads()}  # fmt: skip
 
