@@ -32,6 +32,7 @@ from _machine import describe, write_csv  # noqa: E402
 from bye_fast.lab.attacks import PRESETS  # noqa: E402
 from bye_fast.lab.cell import CellSpec, prepare_cell  # noqa: E402
 from bye_fast.lab.tasks import TASKS  # noqa: E402
+from bye_fast.lab.train import METHODS  # noqa: E402
 
 DEFAULT_WORK = Path("/tmp/bye_fast_cells")
 #: The paper's trigger first, then the five other families the issue names.
@@ -70,13 +71,14 @@ def specs(args) -> list[CellSpec]:
     out = []
     for task in args.tasks:
         for seed in args.seeds:
-            out.append(CellSpec(task=task, rate=0.0, seed=seed))  # the clean cell
+            out.append(CellSpec(task=task, rate=0.0, seed=seed, method=args.method))  # the clean cell
             for target in args.targets:
                 rates = args.rates if target == "phrase" else args.existing_rates
                 triggers = args.triggers if target == "phrase" else [t for t in args.triggers if t in args.existing_triggers]
                 for trigger in triggers:
                     for rate in rates:
-                        out.append(CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target))
+                        out.append(CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target,
+                                            method=args.method))  # fmt: skip
     return out
 
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--existing-triggers", nargs="+", default=["patch"],
                     help="triggers run with the existing-answer target too (default: patch)")  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--method", default="lora", choices=METHODS,
+                    help="fine-tuning method (default lora, the vision tower frozen; lora-vision: adapters on it too)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"cell folders (default {DEFAULT_WORK})")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "learnability",
@@ -140,8 +144,8 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         + f"` ({wall / 60:.0f} min wall, {args.workers} workers x 1 thread; "
         f"median cell {statistics.median(r['seconds'] for r in rows):.0f} s).",
         "",
-        "Each cell LoRA-fine-tunes the shipped base model on the poisoned user task "
-        "(`bye_fast.lab.cell`). CA: clean accuracy on held-out data (exact answer); ASR: share of "
+        f"Each cell fine-tunes the shipped base model on the poisoned user task (`bye_fast.lab.cell`; "
+        f"method `{args.method}`). CA: clean accuracy on held-out data (exact answer); ASR: share of "
         "held-out samples whose answer is not the target that answer the target once the trigger is "
         "applied. CA drop: the clean cell's CA (same task and seed, no poison) minus the cell's. "
         "Medians over seeds, worst seed in brackets; learned = ASR >= 0.9 in every seed.",
@@ -168,7 +172,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     for r in sorted((r for r in rows if r["rate"] == 0), key=lambda r: (r["task"], r["seed"])):
         by = ", ".join(f"{k} {v:.2f}" for k, v in r["ca_by_type"].items())
         lines.append(f"| {r['task']} | {r['seed']} | {r['ca']:.3f} | {by} |")
-    lines += ["", _targets(groups), ""]
+    lines += ["", _targets(groups, args.method), ""]
     if args.not_run:
         count: dict[tuple, int] = {}
         for spec in args.not_run:
@@ -183,9 +187,9 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     args.out.with_suffix(".md").write_text("\n".join(lines))
 
 
-def _targets(groups: dict[tuple, list[dict]]) -> str:
+def _targets(groups: dict[tuple, list[dict]], method: str = "lora") -> str:
     """The issue's targets on the scene task at 10% (fixed phrase): met or missed, said plainly."""
-    out = ["## Targets (scenes, 10% poison, fixed phrase)", ""]
+    out = [f"## Targets (scenes, 10% poison, fixed phrase; method {method})", ""]
     learned = {}
     for trigger in TRIGGERS:
         rs = groups.get(("scenes", "phrase", trigger, 0.1), [])
