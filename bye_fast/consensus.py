@@ -33,7 +33,8 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    overlap the most significant one's (Jaccard >= 1/2) form a block; a sample is
    in the cluster when at least half of the block's features put it in their tail.
    **One answer's** (with ``Scores.answer_token``): a cluster of all samples must be
-   mostly one answer (``min_answer_share``), a cluster inside an answer group must be
+   mostly one answer (``min_answer_share``) and not most of a large answer group
+   (``max_answer_coverage``), a cluster inside an answer group must be
    specific to it (the other answers' samples rarely lie in its range,
    ``min_specificity``); else it is set aside as a clean mode.
 4. **Collapsed answer groups**: an answer group (40 samples or more, at most
@@ -445,6 +446,12 @@ class ConsensusDetector:
         members get one answer from the model (default 0.8; needs ``Scores.answer_token``): a
         backdoor's cluster is its target's (the design cells' poisoned clusters: 0.93-1.00), a clean
         image-driven mode spans the answers (0.25-0.26; ``detection_analysis.md``, v7).
+    max_answer_coverage : a one-answer tail cluster of *all samples* whose answer's group holds more
+        than ``max_fraction`` of the samples counts only when it takes at most this share of that
+        group (default 0.5; needs ``Scores.answer_token``): poison is never most of a large answer
+        group, while on a task with few answers a clean mode of one answer is (design cells:
+        the clean binary set of round 7, 62% of a group of 51%; poison clusters 19-45% of their
+        group, or a group below ``max_fraction``; ``detection_analysis.md``, round 8).
     min_specificity : a tail cluster inside an answer group counts only when the group's share in
         the tail is at least this many times the other answers' share in the same range of the
         lead feature (default 4): the trigger is in the poisoned samples only, a clean mode is
@@ -459,12 +466,15 @@ class ConsensusDetector:
     clusters_ : list of dict, one per context with a significant block: ``context``, ``size``,
         ``evidence``, ``block`` (feature names), ``side`` of the lead feature; for a tail cluster,
         ``answer_share`` (the share of its members that get its most common answer from the model;
-        a backdoor's cluster is one target's, a clean mode spans many answers) and ``n_answers``
-        (None without ``Scores.answer_token``); ``tail_share`` (the context's share in the lead
+        a backdoor's cluster is one target's, a clean mode spans many answers), ``n_answers``,
+        ``answer_coverage`` (its members with that answer / all samples with it) and
+        ``answer_group_share`` (all samples with that answer / all samples; these four None without
+        ``Scores.answer_token``); ``tail_share`` (the context's share in the lead
         feature's tail) and ``outside_share`` (inside an answer group: the other answers' share
         in the same range of the lead feature, from the cut to the tail's extreme; else None).
     set_aside_ : list of dict, the tail clusters that passed the test but look like clean modes
-        (``min_answer_share``, ``min_specificity``), with ``why``; nothing in them is flagged.
+        (``min_answer_share``, ``max_answer_coverage``, ``min_specificity``), with ``why``; nothing
+        in them is flagged.
     n_tests_ : the number of tests the Bonferroni correction counts.
     content_groups_ : list of dict, one per answer group: ``answer_token``, ``size``,
         ``diversity_ratio`` (its image diversity / the median group's) and ``tested`` (members judged
@@ -499,9 +509,11 @@ class ConsensusDetector:
         n_neighbors: int = 10,
         min_answer_share: float = 0.8,
         min_specificity: float = 4.0,
+        max_answer_coverage: float = 0.5,
         n_jobs: int | None = -1,
     ) -> None:
         self.min_answer_share = min_answer_share
+        self.max_answer_coverage = max_answer_coverage
         self.min_specificity = min_specificity
         self.content_groups = content_groups
         self.min_content_ratio = min_content_ratio
@@ -531,7 +543,7 @@ class ConsensusDetector:
                 "max_group_spread": self.max_group_spread, "content_groups": self.content_groups,
                 "min_content_ratio": self.min_content_ratio, "n_neighbors": self.n_neighbors,
                 "min_answer_share": self.min_answer_share, "min_specificity": self.min_specificity,
-                "n_jobs": self.n_jobs}  # fmt: skip
+                "max_answer_coverage": self.max_answer_coverage, "n_jobs": self.n_jobs}  # fmt: skip
 
     def _check(self) -> None:
         if not (np.isfinite(self.max_fraction) and 0 < self.max_fraction <= 1):
@@ -542,6 +554,8 @@ class ConsensusDetector:
             raise ValueError(f"min_content_ratio must be > 1; got {self.min_content_ratio}")
         if not (np.isfinite(self.min_answer_share) and 0 <= self.min_answer_share <= 1):
             raise ValueError(f"min_answer_share must be in [0, 1]; got {self.min_answer_share}")
+        if not (np.isfinite(self.max_answer_coverage) and 0 < self.max_answer_coverage <= 1):
+            raise ValueError(f"max_answer_coverage must be in (0, 1]; got {self.max_answer_coverage}")
         if not (np.isfinite(self.min_specificity) and self.min_specificity >= 1):
             raise ValueError(f"min_specificity must be >= 1; got {self.min_specificity}")
         if int(self.n_neighbors) < 1:
@@ -1000,6 +1014,12 @@ class ConsensusDetector:
         if cluster["context"] == "all samples" and share is not None and share < self.min_answer_share:
             return (f"spans {cluster['n_answers']} answers, the most common {share:.0%} of it "
                     f"(< min_answer_share={self.min_answer_share:g}): a clean mode")
+        coverage, group_share = cluster.get("answer_coverage"), cluster.get("answer_group_share")
+        if (cluster["context"] == "all samples" and coverage is not None and group_share > self.max_fraction
+                and coverage > self.max_answer_coverage):  # fmt: skip
+            return (f"takes {coverage:.0%} of its answer's samples, a group of {group_share:.0%} of all "
+                    f"(> max_fraction={self.max_fraction:g}; > max_answer_coverage={self.max_answer_coverage:g}): "
+                    "that answer's clean mode")
         if outside is not None and cluster["tail_share"] < self.min_specificity * outside:
             return (f"{outside:.1%} of the other answers' samples lie in the same range, "
                     f"{cluster['tail_share']:.1%} of the group's (< min_specificity={self.min_specificity:g} x): "
@@ -1078,10 +1098,12 @@ class ConsensusDetector:
             votes = np.mean([tails[j] for j in block], axis=0)
             distance = np.mean([scan[j, 1] * _robust_z(column(j, idx)) for j in block], axis=0)
             members = votes >= 0.5
-            share, n_answers = None, None
+            share, n_answers, coverage, group_share = None, None, None, None
             if tokens_v is not None and members.any():  # one target's, or many answers'?
-                _, counts = np.unique(tokens_v[idx[members]], return_counts=True)
+                values, counts = np.unique(tokens_v[idx[members]], return_counts=True)
                 share, n_answers = float(counts.max() / counts.sum()), len(counts)
+                group_n = int((tokens_v == values[counts.argmax()]).sum())  # its answer's samples, of all
+                coverage, group_share = float(counts.max() / group_n), group_n / nv
             outside_share = None
             if len(idx) < nv:  # an answer group: how many of the other samples lie in the same range?
                 j0 = sig[0]
@@ -1093,6 +1115,7 @@ class ConsensusDetector:
                 "evidence": float(ev[sig[0]]), "lead": vnames[sig[0]], "side": "high" if scan[sig[0], 1] > 0 else "low",
                 "block": [vnames[j] for j in block], "n_significant": len(sig),
                 "answer_share": share, "n_answers": n_answers,
+                "answer_coverage": coverage, "answer_group_share": group_share,
                 "tail_share": float(lead.mean()), "outside_share": outside_share,
             }  # fmt: skip
             why = self._not_one_answers(cluster)

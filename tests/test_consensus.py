@@ -529,13 +529,47 @@ def test_a_tail_cluster_of_all_samples_must_be_mostly_one_answer(tmp_path):
     assert "set aside: all samples" in det.detection_.reason
     back = Detection.from_json(det.detection_.to_json(tmp_path / "detection.json"))
     assert back.details["set_aside"][0]["why"] == aside["why"]
-    assert back.options["min_answer_share"] == 0.8
+    assert back.options["min_answer_share"] == 0.8 and back.options["max_answer_coverage"] == 0.5
 
     off = ConsensusDetector(min_answer_share=0.0, **opts).fit(Scores(entropy=x, answer_token=spread))
     np.testing.assert_array_equal(off.flagged_, truth)
     det = ConsensusDetector(**opts).fit(Scores(entropy=x))
     np.testing.assert_array_equal(det.flagged_, truth)
     assert det.clusters_[0]["answer_share"] is None and "give one answer" not in det.detection_.reason
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_tail_cluster_that_is_most_of_a_large_answer_group_is_its_clean_mode(seed):
+    """A binary task: 70% of answer 0's samples (half the data) sit tight at one end of a layer, a
+    class-driven clean mode. It is one answer's, so only max_answer_coverage tells it from poison: set
+    aside and said why. A backdoor's cluster of the same answer that is a minority of its group, or
+    most of a small group (a phrase target), is still flagged."""
+    rng = np.random.default_rng(seed)
+    n = 1000
+    answer = rng.integers(0, 2, n)
+    x = rng.normal(4.0, 0.3, size=(n, 6))
+    mode = (answer == 0) & (rng.random(n) < 0.7)
+    x[mode, 2] = 2.0 + rng.normal(0, 0.02, mode.sum())
+    opts = {"group_features": None, "content_groups": False, "refine_features": None, "max_fraction": 0.4}
+    det = ConsensusDetector(**opts).fit(Scores(entropy=x, answer_token=answer))
+    assert not det.flagged_.any(), det.detection_.reason
+    (aside,) = [c for c in det.set_aside_ if c["context"] == "all samples"]
+    assert aside["answer_share"] == 1.0 and aside["answer_coverage"] > 0.5 and aside["answer_group_share"] > 0.4
+    assert "max_answer_coverage=0.5): that answer's clean mode" in aside["why"] and "set aside" in det.detection_.reason
+    # without the guard it is removed whole (the budget allows it here)
+    off = ConsensusDetector(max_answer_coverage=1.0, **opts).fit(Scores(entropy=x, answer_token=answer))
+    np.testing.assert_array_equal(off.flagged_, mode)
+
+    poison = (answer == 0) & (rng.random(n) < 0.2)  # 20% of a 50% group: flagged
+    y = rng.normal(4.0, 0.3, size=(n, 6))
+    y[poison, 2] = 2.0 + rng.normal(0, 0.02, poison.sum())
+    np.testing.assert_array_equal(ConsensusDetector(**opts).fit(Scores(entropy=y, answer_token=answer)).flagged_, poison)
+    phrase = rng.random(n) < 0.1  # all of a small group of its own (10% < max_fraction): flagged
+    y = rng.normal(4.0, 0.3, size=(n, 6))
+    y[phrase, 2] = 2.0 + rng.normal(0, 0.02, phrase.sum())
+    det = ConsensusDetector(**opts).fit(Scores(entropy=y, answer_token=np.where(phrase, 7, answer)))
+    np.testing.assert_array_equal(det.flagged_, phrase)
+    assert det.clusters_[0]["answer_coverage"] == 1.0
 
 
 def _group_tail(seed, shared):
