@@ -450,8 +450,9 @@ class ConsensusDetector:
         than ``max_fraction`` of the samples counts only when it takes at most this share of that
         group (default 0.5; needs ``Scores.answer_token``): poison is never most of a large answer
         group, while on a task with few answers a clean mode of one answer is (design cells:
-        the clean binary set of round 7, 62% of a group of 51%; poison clusters 19-45% of their
-        group, or a group below ``max_fraction``; ``detection_analysis.md``, round 8).
+        the clean binary set of round 7, 64% of a group of 49%; poison clusters 32-46% of an
+        existing answer's group, or most of a phrase target's group of 9-20% of the samples, below
+        ``max_fraction``; ``detection_analysis.md``, "Before round 8").
     min_specificity : a tail cluster inside an answer group counts only when the group's share in
         the tail is at least this many times the other answers' share in the same range of the
         lead feature (default 4): the trigger is in the poisoned samples only, a clean mode is
