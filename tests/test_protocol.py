@@ -11,6 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,3 +162,18 @@ def test_bench_detect_data_is_found_by_the_default(embedding, target):
     default must find it at a small size, or the benchmark's times are of a run that finds nothing."""
     r = _bench("bench_detect").one(6000, 128, embedding=embedding, target=target)
     assert r["recall"] >= 0.95 and r["precision"] >= 0.9, r
+
+
+def test_answer_reach_sees_an_answer_given_to_every_prompt():
+    """answer_reach's statistic: a target given under every prompt reaches all other answers' samples;
+    answers bound to one kind of prompt reach only their own kind's."""
+    reach = _bench("answer_reach").reach
+    prompt = np.repeat([0, 1, 2, 3], 50)  # two colour prompts (0, 1) and two count prompts (2, 3)
+    answer = np.where(prompt < 2, 10 + np.arange(200) % 3, 20 + np.arange(200) % 2)  # colours, numbers
+    answer[::10] = 99  # the target, under every prompt
+    got = {a: (r, n) for r, n, a in reach(answer, prompt, min_group=5)}
+    assert got[99] == (1.0, 20)
+    for a in (10, 11, 12):  # a colour answer shares its prompts with the other colours only
+        assert got[a][0] == pytest.approx(((prompt < 2) & (answer != a)).sum() / (answer != a).sum())
+    assert reach(answer, prompt, min_group=5)[0][2] == 99
+    assert all(a != 99 for _, _, a in reach(answer, prompt, min_group=21))  # smaller groups are skipped
