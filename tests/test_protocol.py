@@ -96,21 +96,26 @@ def test_round_four_holds_out_seeds_no_earlier_round_used():
         ("patch", 0.2, "phrase"), ("two_patches", 0.2, "phrase"), ("patch", 0.1, "existing")}
 
 
-def test_round_five_holds_out_seeds_no_earlier_round_used():
-    det = _detection()
-    design, heldout = det.cells_of("design5"), det.cells_of("heldout5")
-    earlier = det.cells_of("all4") + det.cells_of("mixed")
+def _check_every_family_round(det, rnd: int, earlier: list) -> list:
+    """Round ``rnd`` (5 or later): the design set is exactly ``earlier``, and the held-out cells are
+    new seeds of all four families (the round's ROUND<rnd>_* seeds) that no earlier round used, with
+    unique names and each task and seed's clean cell. Returns the held-out specs."""
+    design, heldout = det.cells_of(f"design{rnd}"), det.cells_of(f"heldout{rnd}")
     assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
     for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
         assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
-    assert _seeds(heldout, "digits-ten") == set(det.ROUND5_SEEDS)
-    assert _seeds(heldout, "digits-mixed") == set(det.ROUND5_MIXED_SEEDS)
-    assert _seeds(heldout, "scenes") == set(det.ROUND5_SCENE_SEEDS)
-    assert _seeds(heldout, "digits-parity") == set(det.ROUND5_PARITY_SEEDS)
-    names = [spec.name for _, spec in det.cells_of("all5")]
+    for task, suffix in (("digits-ten", ""), ("digits-mixed", "_MIXED"), ("scenes", "_SCENE"), ("digits-parity", "_PARITY")):
+        assert _seeds(heldout, task) == set(getattr(det, f"ROUND{rnd}{suffix}_SEEDS")), task
+    names = [spec.name for _, spec in det.cells_of(f"all{rnd}")]
     assert len(names) == len(set(names)) == len(design) + len(heldout)
     assert {(s.task, s.seed) for _, s in heldout} == {(s.task, s.seed) for _, s in heldout if s.rate == 0}
-    poisoned = [s for _, s in heldout if s.rate > 0]
+    return [s for _, s in heldout]
+
+
+def test_round_five_holds_out_seeds_no_earlier_round_used():
+    det = _detection()
+    heldout = _check_every_family_round(det, 5, det.cells_of("all4") + det.cells_of("mixed"))
+    poisoned = [s for s in heldout if s.rate > 0]
     assert {s.task for s in poisoned} == {"digits-ten", "digits-mixed"}
     assert {(s.trigger, s.rate, s.target) for s in poisoned} == {
         ("patch", 0.2, "phrase"), ("two_patches", 0.2, "phrase"), ("patch", 0.1, "existing")}
@@ -120,33 +125,15 @@ def test_round_five_holds_out_seeds_no_earlier_round_used():
 @pytest.mark.parametrize("rnd, n_scenes", [(6, 3), (7, 2)])
 def test_rounds_six_and_seven_hold_out_seeds_no_earlier_round_used(rnd, n_scenes):
     det = _detection()
-    design, heldout = det.cells_of(f"design{rnd}"), det.cells_of(f"heldout{rnd}")
-    earlier = det.cells_of(f"all{rnd - 1}")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
-    for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
-        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
-    assert _seeds(heldout, "digits-ten") == set(getattr(det, f"ROUND{rnd}_SEEDS"))
-    assert _seeds(heldout, "digits-mixed") == set(getattr(det, f"ROUND{rnd}_MIXED_SEEDS"))
-    assert _seeds(heldout, "scenes") == set(getattr(det, f"ROUND{rnd}_SCENE_SEEDS"))
-    assert _seeds(heldout, "digits-parity") == set(getattr(det, f"ROUND{rnd}_PARITY_SEEDS"))
-    assert all(s.rate == 0 for _, s in heldout if s.task in ("scenes", "digits-parity"))
+    heldout = _check_every_family_round(det, rnd, det.cells_of(f"all{rnd - 1}"))
+    assert all(s.rate == 0 for s in heldout if s.task in ("scenes", "digits-parity"))
     assert len(heldout) == 12 + 9 + n_scenes + 2
 
 
 def test_round_eight_holds_out_poisoned_binary_and_scene_cells_of_new_seeds():
     det = _detection()
-    design, heldout = det.cells_of("design8"), det.cells_of("heldout8")
-    earlier = det.cells_of("all7")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
-    for task in ("digits-ten", "digits-mixed", "scenes", "digits-parity"):
-        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
-    assert _seeds(heldout, "digits-ten") == set(det.ROUND8_SEEDS)
-    assert _seeds(heldout, "digits-mixed") == set(det.ROUND8_MIXED_SEEDS)
-    assert _seeds(heldout, "scenes") == set(det.ROUND8_SCENE_SEEDS)
-    assert _seeds(heldout, "digits-parity") == set(det.ROUND8_PARITY_SEEDS)
-    names = [spec.name for _, spec in det.cells_of("all8")]
-    assert len(names) == len(set(names)) == len(design) + len(heldout) == len(design) + 39
-    specs = [s for _, s in heldout]
+    specs = _check_every_family_round(det, 8, det.cells_of("all7"))
+    assert len(specs) == 39
     # every task and seed has its clean cell, fine-tuned the same way as its poisoned cells
     assert {(s.task, s.seed, s.method) for s in specs} == {(s.task, s.seed, s.method) for s in specs if s.rate == 0}
     assert {s.method for s in specs if s.task == "scenes"} == {"lora-vision"}
