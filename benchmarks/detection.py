@@ -86,6 +86,9 @@ ROUND8_PARITY_SEEDS = (11, 12, 13)
 #: The scene task's round-8 held-out seeds, fine-tuned with LoRA on the vision tower too (``lora-vision``:
 #: with the tower frozen the lab learns no scene backdoor; ``learnability_probes.md``).
 ROUND8_SCENE_SEEDS = (20, 21, 22)
+#: Round 9 (after the scene cells round 8 missed): held-out scene seeds (lora-vision) and digits-mixed seeds.
+ROUND9_SCENE_SEEDS = (23, 24, 25)
+ROUND9_MIXED_SEEDS = (15, 16)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -129,6 +132,16 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
+    if which in ("design9", "heldout9", "all9"):  # round 9: the two families with many prompts, new seeds
+        design = [("design9", spec) for _, spec in cells_of("all8")]
+        heldout = [("heldout9", spec) for spec in (
+            [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, method="lora-vision")
+             for seed in ROUND9_SCENE_SEEDS for trigger, rate in (("patch", 0.0), ("patch", 0.2), ("sig", 0.1))]
+            + [spec for seed in ROUND9_MIXED_SEEDS for spec in (
+                CellSpec(task="digits-mixed", rate=0.0, seed=seed),
+                CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
+                CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))])]  # fmt: skip
+        return {"design9": design, "heldout9": heldout, "all9": design + heldout}[which]
     if which in ("design8", "heldout8", "all8"):  # round 8: poisoned binary and scene cells held out too
         design = [("design8", spec) for _, spec in cells_of("all7")]
         mixed_cells = [spec for seed in ROUND8_MIXED_SEEDS for spec in (
@@ -240,9 +253,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 7 or 8 (design8, heldout8, all8); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 8 or 9 (design9, heldout9, all9); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -346,7 +359,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout8", "Round 8, held-out cells (digits-ten seeds 27-29; digits-mixed seeds 12-14; "
+    for set_name, title in (("heldout9", "Round 9, held-out cells (scenes seeds 23-25 fine-tuned with lora-vision, clean, "
+                                          "centre patch 20% and SIG 10%; digits-mixed seeds 15-16, clean, patch 20% and "
+                                          "existing answer 10%)"),
+                            ("design9", "Round 9, design cells (every cell of rounds 1-8)"),
+                            ("heldout8", "Round 8, held-out cells (digits-ten seeds 27-29; digits-mixed seeds 12-14; "
                                           "digits-parity seeds 11-13, clean and two patches; scenes seeds 20-22 "
                                           "fine-tuned with lora-vision, clean, centre patch and SIG)"),
                             ("design8", "Round 8, design cells (every cell of rounds 1-7)"),

@@ -143,6 +143,21 @@ def test_round_eight_holds_out_poisoned_binary_and_scene_cells_of_new_seeds():
         ("patch", 0.1), ("patch", 0.2), ("sig", 0.1)}
 
 
+def test_round_nine_holds_out_new_scene_and_mixed_seeds():
+    det = _detection()
+    design, heldout = det.cells_of("design9"), det.cells_of("heldout9")
+    earlier = det.cells_of("all8")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
+    for task in ("scenes", "digits-mixed"):
+        assert not _seeds(heldout, task) & _seeds(earlier + det.cells_of("all"), task), task
+    assert _seeds(heldout, "scenes") == set(det.ROUND9_SCENE_SEEDS)
+    assert _seeds(heldout, "digits-mixed") == set(det.ROUND9_MIXED_SEEDS)
+    specs = [s for _, s in heldout]
+    assert len(specs) == 15 and len({s.name for s in specs} | {s.name for _, s in design}) == len(design) + 15
+    assert {(s.task, s.seed, s.method) for s in specs} == {(s.task, s.seed, s.method) for s in specs if s.rate == 0}
+    assert {s.method for s in specs if s.task == "scenes"} == {"lora-vision"}
+
+
 @pytest.mark.parametrize("embedding, target", [(0, "phrase"), (32, "phrase"), (32, "existing")])
 def test_bench_detect_data_is_found_by_the_default(embedding, target):
     """The detect benchmark's synthetic poison is one a backdoor makes (one target answer): the
