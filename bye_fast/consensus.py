@@ -59,14 +59,21 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    classes; where it leaves a good part of the group unflagged and the attention
    features reproduce its split, a cross-fitted classifier on the group's attention
    features re-decides who is in (the trigger shows in the attention, the class hardly).
-6. **Refinement**: the clusters' members are then decided by a logistic
+6. **An answer given under every kind of prompt** (needs ``Scores.prompt_key``):
+   a clean answer belongs to one kind of question, a target is given whatever the
+   question. The group whose reach (the share of the other answers' samples whose
+   prompt it is also given under) is at least ``min_reach`` and ``min_reach_ratio``
+   times the next group's is a cluster as a whole, unless the content test
+   re-decides it (added after round 8, where a target the vision tower carried
+   left no trace in the attention tests).
+7. **Refinement**: the clusters' members are then decided by a logistic
    regression of cluster vs rest on :data:`REFINE_FEATURES` (per-head features
    included) less the features that found the cluster; kept when it stays within
    the budget and overlaps the cluster (Jaccard >= 1/2).
-7. **Budget**: the clusters together must not exceed ``max_fraction`` of the
+8. **Budget**: the clusters together must not exceed ``max_fraction`` of the
    samples; a larger group is reported as too large to be poison and nothing is
    removed.
-8. **Suspicion score** (for review, every sample): the refinement's probability
+9. **Suspicion score** (for review, every sample): the refinement's probability
    where a cluster was found (an inconsistent group's members: the share of their
    neighbours outside the group, if higher); else the block votes; without any significant
    feature, a tie-break by the three strongest features.
@@ -457,6 +464,12 @@ class ConsensusDetector:
         the tail is at least this many times the other answers' share in the same range of the
         lead feature (default 4): the trigger is in the poisoned samples only, a clean mode is
         shared (design cells: poisoned 64x, clean 1.0-1.5x).
+    min_reach, min_reach_ratio : an answer group is a target given under every kind of prompt, and a
+        cluster as a whole, when its *reach* (the share of the other answers' samples whose prompt,
+        ``Scores.prompt_key``, it is also given under) is at least ``min_reach`` (default 0.5) and at
+        least ``min_reach_ratio`` times the next group's (default 1.5; 0: off). Design cells
+        (``answer_reach.md``): targets 0.73-1.00, ratio 2.06-3.08; clean answers at most 0.48, ratio
+        1.00-1.05. Not applied to a group the content test re-decides.
     n_jobs : threads for the feature scan (scikit-learn's convention; default -1, every core).
         The result does not depend on it.
 
@@ -511,8 +524,12 @@ class ConsensusDetector:
         min_answer_share: float = 0.8,
         min_specificity: float = 4.0,
         max_answer_coverage: float = 0.5,
+        min_reach: float = 0.5,
+        min_reach_ratio: float = 1.5,
         n_jobs: int | None = -1,
     ) -> None:
+        self.min_reach = min_reach
+        self.min_reach_ratio = min_reach_ratio
         self.min_answer_share = min_answer_share
         self.max_answer_coverage = max_answer_coverage
         self.min_specificity = min_specificity
@@ -544,7 +561,8 @@ class ConsensusDetector:
                 "max_group_spread": self.max_group_spread, "content_groups": self.content_groups,
                 "min_content_ratio": self.min_content_ratio, "n_neighbors": self.n_neighbors,
                 "min_answer_share": self.min_answer_share, "min_specificity": self.min_specificity,
-                "max_answer_coverage": self.max_answer_coverage, "n_jobs": self.n_jobs}  # fmt: skip
+                "max_answer_coverage": self.max_answer_coverage, "min_reach": self.min_reach,
+                "min_reach_ratio": self.min_reach_ratio, "n_jobs": self.n_jobs}  # fmt: skip
 
     def _check(self) -> None:
         if not (np.isfinite(self.max_fraction) and 0 < self.max_fraction <= 1):
@@ -557,6 +575,10 @@ class ConsensusDetector:
             raise ValueError(f"min_answer_share must be in [0, 1]; got {self.min_answer_share}")
         if not (np.isfinite(self.max_answer_coverage) and 0 < self.max_answer_coverage <= 1):
             raise ValueError(f"max_answer_coverage must be in (0, 1]; got {self.max_answer_coverage}")
+        if not (np.isfinite(self.min_reach) and 0 <= self.min_reach <= 1):
+            raise ValueError(f"min_reach must be in [0, 1]; got {self.min_reach}")
+        if not (np.isfinite(self.min_reach_ratio) and (self.min_reach_ratio == 0 or self.min_reach_ratio >= 1)):
+            raise ValueError(f"min_reach_ratio must be 0 (off) or >= 1; got {self.min_reach_ratio}")
         if not (np.isfinite(self.min_specificity) and self.min_specificity >= 1):
             raise ValueError(f"min_specificity must be >= 1; got {self.min_specificity}")
         if int(self.n_neighbors) < 1:
@@ -709,6 +731,39 @@ class ConsensusDetector:
                 "spread": feats[0][0], "block": [f for _, f in feats], "n_significant": len(feats),
             }))  # fmt: skip
         return out
+
+    def _universal_groups(
+        self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
+    ) -> list[tuple[int, np.ndarray, dict]]:
+        """An answer given under every kind of prompt: ``(token, index into the valid samples, cluster)``.
+
+        A clean answer belongs to one kind of question ("red" answers colour questions), a backdoor's
+        target is given to triggered pictures whatever the question. An answer group's *reach* is the
+        share of the other answers' samples whose prompt (``Scores.prompt_key``) it is also given
+        under. The group with the largest reach (at least ``min_reach``, at least ``min_reach_ratio``
+        times the next group's, at most ``max_fraction`` of the samples) is a cluster as a whole.
+        Says nothing when every sample asks one prompt (every reach is 1) or when no prompt repeats.
+        """
+        if not self.min_reach_ratio or scores.prompt_key is None or len(index) < 2:
+            return []
+        nv = int(valid.sum())
+        keys = np.asarray(scores.prompt_key)[valid]
+        reach = []
+        for t, idx in index.items():
+            inside = np.zeros(nv, bool)
+            inside[idx] = True
+            shared = np.isin(keys, np.unique(keys[idx])) & ~inside
+            reach.append((float(shared.sum() / max(1, nv - len(idx))), int(t)))
+        reach.sort(reverse=True)
+        (top, t), (second, _) = reach[0], reach[1]
+        if not (top >= self.min_reach and top >= self.min_reach_ratio * second and len(index[t]) <= self.max_fraction * nv):
+            return []
+        idx = index[t]
+        return [(t, idx, {
+            "context": f"answer token {t} (whole group)", "size": len(idx), "context_size": nv,
+            "evidence": float("nan"), "lead": "prompt reach", "side": "universal", "block": [],
+            "n_significant": 0, "reach": top, "next_reach": second, "n_prompts": len(np.unique(keys[idx])),
+        })]  # fmt: skip
 
     #: Fewest answer groups the content test compares (the median group must mean something).
     min_content_groups: ClassVar[int] = 5
@@ -1163,6 +1218,13 @@ class ConsensusDetector:
         if content:  # the content test decides its own members (the refinement reads attention only)
             in_cluster |= content_members
             score_v = np.maximum(score_v, content_score)
+        content_tokens = {t for t, *_ in content}
+        for t, idx, cluster in self._universal_groups(scores, rows.valid, answer_groups):
+            if t in content_tokens or in_cluster[idx].all():
+                continue  # decided by the content test, or already found whole
+            in_cluster[idx] = True
+            score_v[idx] = np.maximum(score_v[idx], 1.0)
+            self.clusters_.append(cluster)
         n_found = int(in_cluster.sum())
         too_large = n_found > self.max_fraction * nv
         flagged = np.zeros(n, dtype=bool)
@@ -1225,6 +1287,10 @@ class ConsensusDetector:
             f"{c['context']}: {c['size']} samples collapsed in {c['lead']} (interquartile range "
             f"{c['spread']:.2f} of the other groups', {len(c['block'])} such feature(s))"
             if c["side"] == "collapsed"
+            else f"{c['context']}: {c['size']} samples of one answer given under {c['n_prompts']} prompts, which "
+            f"{c['reach']:.0%} of the other answers' samples ask ({c['reach'] / max(c['next_reach'], 1e-9):.1f}x the "
+            "next answer's reach)"
+            if c["side"] == "universal"
             else f"{c['context']}: {c['size']} of {c['context_size']} whose images look like other answers' "
             f"(the group's image embeddings {c['spread']:.2f}x as diverse as the median group's"
             + (f"; {c['refined']}" if c.get("refined", "").startswith("re-decided") else "") + ")"

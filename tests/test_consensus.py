@@ -657,3 +657,43 @@ def test_the_vote_stands_where_the_attention_does_not_see_the_split():
     det = ConsensusDetector().fit(s)
     (c,) = [c for c in det.clusters_ if c["side"] == "inconsistent"]
     assert c["refined"].startswith("the vote stands (") and "taken almost whole" in c["refined"]
+
+
+def _prompts_and_answers(seed, target=True, n=1200):
+    """Two kinds of prompt (colour: keys 0-5, answers 10-13; count: keys 6-11, answers 20-22) and,
+    with ``target``, a tenth of the samples answered 99 under every prompt; the attention features
+    are noise (the target is not visible there)."""
+    rng = np.random.default_rng(seed)
+    key = rng.integers(0, 12, n)
+    answer = np.where(key < 6, rng.integers(10, 14, n), rng.integers(20, 23, n))
+    truth = (rng.random(n) < 0.1) if target else np.zeros(n, bool)
+    answer[truth] = 99
+    return Scores(entropy=rng.normal(size=(n, 4)), answer_token=answer, prompt_key=key), truth
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_answer_given_under_every_kind_of_prompt_is_found_whole(seed, tmp_path):
+    scores, truth = _prompts_and_answers(seed)
+    det = ConsensusDetector().fit(scores)
+    np.testing.assert_array_equal(det.flagged_, truth)
+    (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
+    assert c["size"] == truth.sum() and c["reach"] == 1.0 and c["next_reach"] < 0.5 and c["n_prompts"] == 12
+    assert "under 12 prompts" in det.detection_.reason
+    back = Detection.from_json(det.detection_.to_json(tmp_path / "detection.json"))
+    assert back.options["min_reach_ratio"] == 1.5 and back.details["clusters"][0]["side"] == "universal"
+    # switched off, or without prompt keys, the noise features alone find nothing
+    assert not ConsensusDetector(min_reach_ratio=0).fit(scores).flagged_.any()
+    no_keys = Scores(entropy=scores.entropy, answer_token=scores.answer_token)
+    assert not ConsensusDetector().fit(no_keys).flagged_.any()
+
+
+def test_answers_bound_to_their_prompts_or_one_prompt_for_all_are_left_alone():
+    clean, _ = _prompts_and_answers(2, target=False)
+    det = ConsensusDetector().fit(clean)
+    assert not det.flagged_.any() and not det.clusters_, det.detection_.reason
+    # one prompt for every sample (digits-ten): every reach is 1, the rule cannot tell
+    scores, _ = _prompts_and_answers(3)
+    one = Scores(entropy=scores.entropy, answer_token=scores.answer_token, prompt_key=np.zeros(scores.n_samples, int))
+    assert not ConsensusDetector().fit(one).flagged_.any()
+    with pytest.raises(ValueError, match="min_reach_ratio must be 0 \\(off\\) or >= 1; got 0.5"):
+        ConsensusDetector(min_reach_ratio=0.5).fit(scores)
