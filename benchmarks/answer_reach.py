@@ -35,15 +35,13 @@ COLUMNS = ["task", "method", "trigger", "rate", "target", "seed", "asr", "n_grou
 
 
 def reach(answer: np.ndarray, prompt: np.ndarray, min_group: int) -> list[tuple[float, int, int]]:
-    """(reach, size, answer) of every answer group with at least ``min_group`` samples, largest reach first."""
-    out = []
-    for a in np.unique(answer):
-        g = answer == a
-        if g.sum() < min_group:
-            continue
-        shared = np.isin(prompt, np.unique(prompt[g])) & ~g
-        out.append((float(shared.sum() / max(1, (~g).sum())), int(g.sum()), int(a)))
-    return sorted(out, reverse=True)
+    """(reach, size, answer) of every answer group with at least ``min_group`` samples, largest reach
+    first (:func:`bye_fast.consensus.answer_reach`, the statistic the default's rule reads)."""
+    from bye_fast.consensus import answer_reach
+
+    sizes = dict(zip(*np.unique(answer, return_counts=True), strict=True))
+    return sorted(((r, int(sizes[a]), a) for a, r in answer_reach(answer, prompt).items() if sizes[a] >= min_group),
+                  reverse=True)  # fmt: skip
 
 
 def one(folder: Path, spec, min_group: int) -> dict | None:

@@ -99,6 +99,7 @@ __all__ = [
     "GROUP_FEATURES",
     "REFINE_FEATURES",
     "ConsensusDetector",
+    "answer_reach",
     "valley_scan",
     "valley_scan_reference",
 ]
@@ -402,6 +403,23 @@ def nearest_neighbours_reference(x: np.ndarray, rows: np.ndarray, ref: np.ndarra
 def _cap_rows(parts: list[np.ndarray], cap: int, rng: np.random.Generator) -> np.ndarray:
     """The rows of each class (``parts``), at most ``cap`` of each drawn at random, sorted."""
     return np.sort(np.concatenate([rng.choice(p, cap, replace=False) if len(p) > cap else p for p in parts]))
+
+
+def answer_reach(answer: np.ndarray, prompt: np.ndarray) -> dict[int, float]:
+    """Per answer: the share of the *other* answers' samples whose prompt it is also given under.
+
+    ``answer`` and ``prompt`` are one token / key per sample. One pass over the (answer, prompt)
+    pairs: an answer's shared samples are, over the prompts it occurs under, those prompts' samples
+    less its own. 1.0 for every answer when all samples ask one prompt.
+    """
+    answers, a = np.unique(np.asarray(answer), return_inverse=True)
+    _, k = np.unique(np.asarray(prompt), return_inverse=True)
+    per_prompt = np.bincount(k)
+    pair, own = np.unique(a.astype(np.int64) * len(per_prompt) + k, return_counts=True)  # (answer, prompt) pairs
+    pa, pk = np.divmod(pair, len(per_prompt))
+    shared = np.bincount(pa, weights=per_prompt[pk] - own, minlength=len(answers))
+    others = len(a) - np.bincount(a, minlength=len(answers))
+    return {int(t): float(sh / max(1, o)) for t, sh, o in zip(answers, shared, others, strict=True)}
 
 
 def _robust_z(x: np.ndarray) -> np.ndarray:
@@ -748,12 +766,8 @@ class ConsensusDetector:
             return []
         nv = int(valid.sum())
         keys = np.asarray(scores.prompt_key)[valid]
-        reach = []
-        for t, idx in index.items():
-            inside = np.zeros(nv, bool)
-            inside[idx] = True
-            shared = np.isin(keys, np.unique(keys[idx])) & ~inside
-            reach.append((float(shared.sum() / max(1, nv - len(idx))), int(t)))
+        by_answer = answer_reach(np.asarray(scores.answer_token)[valid], keys)
+        reach = [(by_answer[int(t)], int(t)) for t in index]
         reach.sort(reverse=True)
         (top, t), (second, _) = reach[0], reach[1]
         if not (top >= self.min_reach and top >= self.min_reach_ratio * second and len(index[t]) <= self.max_fraction * nv):

@@ -697,3 +697,20 @@ def test_answers_bound_to_their_prompts_or_one_prompt_for_all_are_left_alone():
     assert not ConsensusDetector().fit(one).flagged_.any()
     with pytest.raises(ValueError, match="min_reach_ratio must be 0 \\(off\\) or >= 1; got 0.5"):
         ConsensusDetector(min_reach_ratio=0.5).fit(scores)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_answer_reach_matches_its_per_answer_twin(seed):
+    """The one-pass reach equals the obvious loop: per answer, the other answers' samples whose prompt
+    is among the answer's prompts, over all the other answers' samples."""
+    from bye_fast.consensus import answer_reach
+
+    rng = np.random.default_rng(seed)
+    n = 3000
+    prompt = rng.integers(0, rng.integers(1, 60), n)
+    answer = rng.integers(0, 25, n) * (1 + (prompt % 3))  # answers partly bound to prompt kinds
+    got = answer_reach(answer, prompt)
+    for a in np.unique(answer):
+        g = answer == a
+        want = (np.isin(prompt, np.unique(prompt[g])) & ~g).sum() / max(1, (~g).sum())
+        assert got[int(a)] == pytest.approx(want, abs=1e-12)
