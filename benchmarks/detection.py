@@ -116,13 +116,17 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
             [CellSpec(task="digits-mixed", rate=0.0, seed=seed) for seed in (0, 1, 2)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed) for seed in (0, 1)]
             + [CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=0, target="existing")])]  # fmt: skip
+    def mixed_seed(seed):
+        """digits-mixed's cells of one held-out seed (rounds 5-9): clean, patch 20% (phrase), patch 10%
+        with an existing answer."""
+        return (CellSpec(task="digits-mixed", rate=0.0, seed=seed),
+                CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
+                CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))  # fmt: skip
+
     def every_family(name, ten, mixed, scenes, parity):
         """Rounds 5-7: digits-ten and digits-mixed (clean, 20% phrase, 10% existing; two patches on
         digits-ten), and the clean scenes and digits-parity sets, of the given seeds."""
-        mixed_cells = [(name, spec) for seed in mixed for spec in (
-            CellSpec(task="digits-mixed", rate=0.0, seed=seed),
-            CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
-            CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))]  # fmt: skip
+        mixed_cells = [(name, spec) for seed in mixed for spec in mixed_seed(seed)]
         return (family("digits-ten", ten, name, ("patch", "two_patches"), (0.2,)) + mixed_cells
                 + family("scenes", scenes, name, (), (0.1,), existing=())
                 + family("digits-parity", parity, name, (), (0.1,), existing=()))  # fmt: skip
@@ -137,17 +141,11 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         heldout = [("heldout9", spec) for spec in (
             [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, method="lora-vision")
              for seed in ROUND9_SCENE_SEEDS for trigger, rate in (("patch", 0.0), ("patch", 0.2), ("sig", 0.1))]
-            + [spec for seed in ROUND9_MIXED_SEEDS for spec in (
-                CellSpec(task="digits-mixed", rate=0.0, seed=seed),
-                CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
-                CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))])]  # fmt: skip
+            + [spec for seed in ROUND9_MIXED_SEEDS for spec in mixed_seed(seed)])]  # fmt: skip
         return {"design9": design, "heldout9": heldout, "all9": design + heldout}[which]
     if which in ("design8", "heldout8", "all8"):  # round 8: poisoned binary and scene cells held out too
         design = [("design8", spec) for _, spec in cells_of("all7")]
-        mixed_cells = [spec for seed in ROUND8_MIXED_SEEDS for spec in (
-            CellSpec(task="digits-mixed", rate=0.0, seed=seed),
-            CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
-            CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))]  # fmt: skip
+        mixed_cells = [spec for seed in ROUND8_MIXED_SEEDS for spec in mixed_seed(seed)]
         parity_cells = [spec for seed in ROUND8_PARITY_SEEDS for spec in (
             CellSpec(task="digits-parity", rate=0.0, seed=seed),
             CellSpec(task="digits-parity", trigger="two_patches", rate=0.1, seed=seed))]  # fmt: skip
