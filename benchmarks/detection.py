@@ -89,6 +89,12 @@ ROUND8_SCENE_SEEDS = (20, 21, 22)
 #: Round 9 (after the scene cells round 8 missed): held-out scene seeds (lora-vision) and digits-mixed seeds.
 ROUND9_SCENE_SEEDS = (23, 24, 25)
 ROUND9_MIXED_SEEDS = (15, 16)
+#: Round 10 (after round 9's content-test miss on a tuned tower): held-out seeds of every family; the scene
+#: seeds (lora-vision) also hold out an existing answer ("yes") as the target.
+ROUND10_SCENE_SEEDS = (26, 27)
+ROUND10_MIXED_SEEDS = (17,)
+ROUND10_SEEDS = (30,)
+ROUND10_PARITY_SEEDS = (14,)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -136,6 +142,19 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
+    if which in ("design10", "heldout10", "all10"):  # round 10: every family, new seeds
+        design = [("design10", spec) for _, spec in cells_of("all9")]
+        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
+                       for seed in ROUND10_SCENE_SEEDS
+                       for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.2, "phrase"),
+                                                     ("sig", 0.1, "phrase"), ("patch", 0.2, "existing"))]  # fmt: skip
+        parity_cells = [spec for seed in ROUND10_PARITY_SEEDS for spec in (
+            CellSpec(task="digits-parity", rate=0.0, seed=seed),
+            CellSpec(task="digits-parity", trigger="two_patches", rate=0.2, seed=seed))]  # fmt: skip
+        heldout = family("digits-ten", ROUND10_SEEDS, "heldout10", ("patch", "two_patches"), (0.2,)) + [
+            ("heldout10", spec) for spec in (scene_cells + [s for seed in ROUND10_MIXED_SEEDS for s in mixed_seed(seed)]
+                                             + parity_cells)]  # fmt: skip
+        return {"design10": design, "heldout10": heldout, "all10": design + heldout}[which]
     if which in ("design9", "heldout9", "all9"):  # round 9: the two families with many prompts, new seeds
         design = [("design9", spec) for _, spec in cells_of("all8")]
         heldout = [("heldout9", spec) for spec in (
@@ -251,9 +270,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 8 or 9 (design9, heldout9, all9); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 9 or 10 (design10, heldout10, all10); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -357,7 +376,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout9", "Round 9, held-out cells (scenes seeds 23-25 fine-tuned with lora-vision, clean, "
+    for set_name, title in (("heldout10", "Round 10, held-out cells (scenes seeds 26-27 fine-tuned with lora-vision, clean, "
+                                           "centre patch 20% with the phrase and with \"yes\", SIG 10%; digits-mixed seed 17; "
+                                           "digits-ten seed 30; digits-parity seed 14, clean and two patches 20%)"),
+                            ("design10", "Round 10, design cells (every cell of rounds 1-9)"),
+                            ("heldout9", "Round 9, held-out cells (scenes seeds 23-25 fine-tuned with lora-vision, clean, "
                                           "centre patch 20% and SIG 10%; digits-mixed seeds 15-16, clean, patch 20% and "
                                           "existing answer 10%)"),
                             ("design9", "Round 9, design cells (every cell of rounds 1-8)"),

@@ -158,6 +158,22 @@ def test_round_nine_holds_out_new_scene_and_mixed_seeds():
     assert {s.method for s in specs if s.task == "scenes"} == {"lora-vision"}
 
 
+def test_round_ten_holds_out_new_seeds_of_every_family():
+    det = _detection()
+    design, heldout = det.cells_of("design10"), det.cells_of("heldout10")
+    earlier = det.cells_of("all9")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
+    rounds = [det.cells_of(f"all{r}") for r in ("", "2", "3", "4", "5", "6", "7", "8", "9")] + [det.cells_of("mixed")]
+    seen = [cell for cells in rounds for cell in cells]
+    for task in ("scenes", "digits-mixed", "digits-ten", "digits-parity"):
+        assert _seeds(heldout, task) and not _seeds(heldout, task) & _seeds(seen, task), task
+    specs = [s for _, s in heldout]
+    assert len(specs) == 17 and not {s.name for s in specs} & {s.name for _, s in seen}
+    assert {(s.task, s.seed, s.method) for s in specs} == {(s.task, s.seed, s.method) for s in specs if s.rate == 0}
+    assert {s.method for s in specs if s.task == "scenes"} == {"lora-vision"}
+    assert {s.target for s in specs if s.task == "scenes" and s.rate > 0} == {"phrase", "existing"}
+
+
 @pytest.mark.parametrize("embedding, target", [(0, "phrase"), (32, "phrase"), (32, "existing")])
 def test_bench_detect_data_is_found_by_the_default(embedding, target):
     """The detect benchmark's synthetic poison is one a backdoor makes (one target answer): the
