@@ -50,30 +50,38 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    group's is inconsistent; its members most of whose ``n_neighbors`` nearest
    images give other answers are flagged (they decide their own membership; the
    refinement below reads attention features only). The neighbours are searched
-   among the samples that ask the same question (``Scores.prompt_key``) when
-   there are enough of them: the same picture may rightly answer "three" to one
-   question and "odd" to another. A group is kept only when it has significantly
-   more such members than the groups not tested have (the rate at which the
-   embedding alone misleads the vote; binomial test at ``alpha``). The vote also
-   takes clean members of the target's own class whose pictures look like other
-   classes; where it leaves a good part of the group unflagged and the attention
-   features reproduce its split, a cross-fitted classifier on the group's attention
-   features re-decides who is in (the trigger shows in the attention, the class hardly).
+   among the samples that ask the same question (``Scores.prompt_key``), and a
+   member is judged only where enough samples ask its question: the same picture
+   may rightly answer "three" to one question and "odd" to another, and among
+   every question an answer bound to its question looks foreign (v10, after a
+   tuned tower's clean scene groups were taken so in round 9). A group is kept
+   only when it has significantly more such members than the groups not tested
+   have (the rate at which the embedding alone misleads the vote; binomial test
+   at ``alpha``). The vote also takes clean members of the target's own class
+   whose pictures look like other classes; where it leaves a good part of the
+   group unflagged and the attention features reproduce its split, a
+   cross-fitted classifier on the group's attention features re-decides who is
+   in (the trigger shows in the attention, the class hardly).
 6. **An answer given under every kind of prompt** (needs ``Scores.prompt_key``):
    a clean answer belongs to one kind of question, a target is given whatever the
    question. The group whose reach (the share of the other answers' samples whose
    prompt it is also given under) is at least ``min_reach`` and ``min_reach_ratio``
-   times the next group's is a cluster as a whole, unless the content test
-   re-decides it (added after round 8, where a target the vision tower carried
-   left no trace in the attention tests).
-7. **Refinement**: the clusters' members are then decided by a logistic
-   regression of cluster vs rest on :data:`REFINE_FEATURES` (per-head features
-   included) less the features that found the cluster; kept when it stays within
-   the budget and overlaps the cluster (Jaccard >= 1/2).
+   times the next group's is the target's (added after round 8, where a target
+   the vision tower carried left no trace in the attention tests), unless the
+   content test decided that group among its members' own questions. Its members
+   asked a kind of question (:func:`prompt_kinds`) where the answer is not the
+   target's own are flagged; an existing answer ("yes") is also the clean answer
+   of its own kind, and the members asked that kind are judged by their pictures'
+   neighbours (v10).
+7. **Refinement** (``refine=True``; off by default since v10): the clusters'
+   members are then decided by a logistic regression of cluster vs rest on
+   :data:`REFINE_FEATURES` (per-head features included) less the features that
+   found the cluster; kept when it stays within the budget and overlaps the
+   cluster (Jaccard >= 1/2).
 8. **Budget**: the clusters together must not exceed ``max_fraction`` of the
    samples; a larger group is reported as too large to be poison and nothing is
    removed.
-9. **Suspicion score** (for review, every sample): the refinement's probability
+9. **Suspicion score** (for review, every sample): with ``refine=True`` the refinement's probability
    where a cluster was found (an inconsistent group's members: the share of their
    neighbours outside the group, if higher); else the block votes; without any significant
    feature, a tie-break by the three strongest features.
@@ -100,6 +108,7 @@ __all__ = [
     "REFINE_FEATURES",
     "ConsensusDetector",
     "answer_reach",
+    "prompt_kinds",
     "valley_scan",
     "valley_scan_reference",
 ]
@@ -422,6 +431,43 @@ def answer_reach(answer: np.ndarray, prompt: np.ndarray) -> dict[int, float]:
     return {int(t): float(sh / max(1, o)) for t, sh, o in zip(answers, shared, others, strict=True)}
 
 
+def prompt_kinds(
+    answer: np.ndarray, prompt: np.ndarray, exclude: int, min_count: int = 2, min_share: float = 0.1
+) -> np.ndarray:
+    """The kind of question each sample asks: prompts joined through the answers they share.
+
+    A prompt and an answer are linked when the answer is given under the prompt at least
+    ``min_count`` times and to at least ``min_share`` of the prompt's samples (a stray answer, a
+    model's slip, links nothing); answer ``exclude`` (the suspected target, given under every
+    prompt) links nothing. Kinds are the connected components of that prompt-answer graph
+    ("what colour is the circle ?" and "what colour is the cross ?" share colours; "is there ...?"
+    prompts share "no"). Prompts linked to no answer (answered by ``exclude`` only, or by stray
+    answers) form one kind together. Returns one kind id (0, 1, ...) per sample, from its prompt.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    answer, prompt = np.asarray(answer), np.asarray(prompt)
+    _, k = np.unique(prompt, return_inverse=True)
+    n_prompts = int(k.max()) + 1 if len(k) else 0
+    other = answer != exclude
+    _, a = np.unique(answer[other], return_inverse=True)
+    n_answers = int(a.max()) + 1 if len(a) else 0
+    pair, count = np.unique(k[other].astype(np.int64) * max(n_answers, 1) + a, return_counts=True)
+    pk, pa = np.divmod(pair, max(n_answers, 1))
+    per_prompt = np.bincount(k[other], minlength=n_prompts)
+    link = (count >= min_count) & (count >= min_share * per_prompt[pk])
+    n = n_prompts + n_answers
+    graph = coo_matrix((np.ones(int(link.sum())), (pk[link], n_prompts + pa[link])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    label = label[:n_prompts].copy()
+    unlinked = np.ones(n_prompts, bool)
+    unlinked[pk[link]] = False
+    label[unlinked] = -1  # prompts linked to no answer: one kind together
+    _, kind = np.unique(label, return_inverse=True)
+    return kind[k]
+
+
 def _robust_z(x: np.ndarray) -> np.ndarray:
     med = np.median(x, axis=0)
     mad = 1.4826 * np.median(np.abs(x - med), axis=0)
@@ -448,9 +494,15 @@ class ConsensusDetector:
         share of the rest's (default 0.5): poison is collapsed, a clean mode is as broad as the rest.
     features : the Scores fields the valley test reads (default :data:`FEATURES`).
     gap : width of the window next to a tail cluster, in cluster widths (default 1).
-    refine_features : the Scores fields the membership is refined with (default
-        :data:`REFINE_FEATURES`; None: no refinement, the test's cut decides).
+    refine_features : the Scores fields an inconsistent group's members are re-decided with, and
+        the attention clusters' members with ``refine=True`` (default :data:`REFINE_FEATURES`;
+        None: neither, the tests' cuts decide).
     refine_c : inverse L2 strength of the refining logistic regression (default 0.1).
+    refine : re-decide the attention clusters' members with a logistic regression of cluster vs
+        rest (default False since v10: on the design cells of round 10 it moved 13 cells, and every
+        learned one of them was as good or better without it -- the in-sample classifier with
+        balanced classes takes in clean samples next to the cut; ``detection_analysis.md``,
+        "Before round 10").
     min_separation : a tail cluster counts only when its median is at least this many
         interquartile ranges of the rest beyond the rest's median (default 2).
     group_features : the Scores fields in which whole answer groups are tested for collapse
@@ -487,7 +539,8 @@ class ConsensusDetector:
         ``Scores.prompt_key``, it is also given under) is at least ``min_reach`` (default 0.5) and at
         least ``min_reach_ratio`` times the next group's (default 1.5; 0: off). Design cells
         (``answer_reach.md``): targets 0.73-1.00, ratio 2.06-3.08; clean answers at most 0.48, ratio
-        1.00-1.05. Not applied to a group the content test re-decides.
+        1.00-1.05. Not applied to a group the content test decided among its members' own
+        questions. Its members are judged per kind of question (:meth:`_universal_groups`).
     n_jobs : threads for the feature scan (scikit-learn's convention; default -1, every core).
         The result does not depend on it.
 
@@ -533,6 +586,7 @@ class ConsensusDetector:
         gap: float = 1.0,
         refine_features: tuple[str, ...] | None = REFINE_FEATURES,
         refine_c: float = 0.1,
+        refine: bool = False,
         min_separation: float = 2.0,
         group_features: tuple[str, ...] | None = GROUP_FEATURES,
         max_group_spread: float = 0.07,
@@ -561,6 +615,7 @@ class ConsensusDetector:
         self.gap = gap
         self.refine_features = refine_features
         self.refine_c = refine_c
+        self.refine = refine
         self.max_fraction = max_fraction
         self.max_spread_ratio = max_spread_ratio
         self.alpha = alpha
@@ -574,7 +629,7 @@ class ConsensusDetector:
                 "min_group": self.min_group, "groups": self.groups, "max_spread_ratio": self.max_spread_ratio,
                 "features": list(self.features), "gap": self.gap,
                 "refine_features": None if self.refine_features is None else list(self.refine_features),
-                "refine_c": self.refine_c, "min_separation": self.min_separation,
+                "refine_c": self.refine_c, "refine": self.refine, "min_separation": self.min_separation,
                 "group_features": None if self.group_features is None else list(self.group_features),
                 "max_group_spread": self.max_group_spread, "content_groups": self.content_groups,
                 "min_content_ratio": self.min_content_ratio, "n_neighbors": self.n_neighbors,
@@ -750,34 +805,101 @@ class ConsensusDetector:
             }))  # fmt: skip
         return out
 
+    #: A kind of question is the target's own when the target's share of its samples is at least this
+    #: many times its share of the other kinds' samples (and significantly so, at ``alpha``).
+    native_ratio: ClassVar[float] = 2.0
+
     def _universal_groups(
         self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
-    ) -> list[tuple[int, np.ndarray, dict]]:
-        """An answer given under every kind of prompt: ``(token, index into the valid samples, cluster)``.
+    ) -> list[tuple[int, np.ndarray, np.ndarray, dict]]:
+        """An answer given under every kind of prompt: ``(token, index into the valid samples,
+        suspicion of each member, cluster)``.
 
         A clean answer belongs to one kind of question ("red" answers colour questions), a backdoor's
         target is given to triggered pictures whatever the question. An answer group's *reach* is the
         share of the other answers' samples whose prompt (``Scores.prompt_key``) it is also given
         under. The group with the largest reach (at least ``min_reach``, at least ``min_reach_ratio``
-        times the next group's, at most ``max_fraction`` of the samples) is a cluster as a whole.
-        Says nothing when every sample asks one prompt (every reach is 1) or when no prompt repeats.
+        times the next group's, at most ``max_fraction`` of the samples) is the target's. Says
+        nothing when every sample asks one prompt (every reach is 1) or when no prompt repeats.
+
+        Who in it is poisoned: a target that is a new phrase is poison wherever it is given; an
+        existing answer ("yes") is also the clean answer of its own kind of question (see
+        :func:`prompt_kinds`). A kind where the target's share is at least :attr:`native_ratio`
+        times its share elsewhere (binomial test at ``alpha``, Bonferroni over the kinds) is its own;
+        the members asked other kinds of question are poison, and the members asked its own kind
+        are judged by the attention: a logistic regression of those poison members vs every other
+        answer's samples on :data:`REFINE_FEATURES` (checked cross-fitted, AUROC >=
+        :attr:`content_refine_auc`; else they are left alone) gives each its suspicion.
         """
         if not self.min_reach_ratio or scores.prompt_key is None or len(index) < 2:
             return []
         nv = int(valid.sum())
         keys = np.asarray(scores.prompt_key)[valid]
-        by_answer = answer_reach(np.asarray(scores.answer_token)[valid], keys)
+        tokens = np.asarray(scores.answer_token)[valid]
+        by_answer = answer_reach(tokens, keys)
         reach = [(by_answer[int(t)], int(t)) for t in index]
         reach.sort(reverse=True)
         (top, t), (second, _) = reach[0], reach[1]
-        if not (top >= self.min_reach and top >= self.min_reach_ratio * second and len(index[t]) <= self.max_fraction * nv):
+        if not (top >= self.min_reach and top >= self.min_reach_ratio * second):
             return []
         idx = index[t]
-        return [(t, idx, {
-            "context": f"answer token {t} (whole group)", "size": len(idx), "context_size": nv,
+        suspicion, note, native = self._target_members(scores, valid, tokens, keys, t)
+        cluster = {
+            "context": f"answer token {t} (whole group)" if not native else f"answer token {t}",
+            "size": int((suspicion > 0.5).sum()), "context_size": nv,
             "evidence": float("nan"), "lead": "prompt reach", "side": "universal", "block": [],
             "n_significant": 0, "reach": top, "next_reach": second, "n_prompts": len(np.unique(keys[idx])),
-        })]  # fmt: skip
+            "native_kinds": native, "members": note,
+        }  # fmt: skip
+        return [(t, idx, suspicion, cluster)]
+
+    def _target_members(
+        self, scores: Scores, valid: np.ndarray, tokens: np.ndarray, keys: np.ndarray, t: int
+    ) -> tuple[np.ndarray, str, list[dict]]:
+        """Suspicion of each member of the target's group (see :meth:`_universal_groups`), a note,
+        and the kinds of question found to be the target's own."""
+        from scipy.stats import binom
+
+        is_t = tokens == t
+        idx = np.nonzero(is_t)[0]
+        kind = prompt_kinds(tokens, keys, t)
+        n_k = np.bincount(kind)
+        m_k = np.bincount(kind, weights=is_t)
+        big = np.nonzero(n_k >= self.min_group)[0]
+        native = []
+        for q in big:
+            rate = (m_k.sum() - m_k[q]) / max(1.0, n_k.sum() - n_k[q])
+            p = float(binom.sf(int(m_k[q]) - 1, int(n_k[q]), rate)) if rate > 0 else 0.0
+            if m_k[q] >= self.native_ratio * rate * n_k[q] and p * len(big) < self.alpha:
+                native.append({"kind": int(q), "size": int(n_k[q]), "members": int(m_k[q]),
+                               "share": float(m_k[q] / n_k[q]), "share_elsewhere": float(rate), "p": p})  # fmt: skip
+        if not native:
+            return np.ones(len(idx)), "every member (no kind of question is the target's own)", []
+        own = np.isin(kind[idx], [r["kind"] for r in native])
+        suspicion = (~own).astype(np.float64)
+        head = f"{int((~own).sum())} members asked other kinds of question; {int(own.sum())} asked its own kind"
+        emb = scores.image_embedding
+        k = int(self.n_neighbors)
+        pos, neg = idx[~own], np.nonzero(~is_t)[0]
+        if emb is None or not own.any() or len(pos) <= k or len(neg) <= k:
+            return suspicion, f"{head}, left alone (its clean answers)", native
+        from sklearn.metrics import roc_auc_score
+
+        vidx = np.nonzero(valid)[0]
+        rng = np.random.default_rng(0)
+        ref = _cap_rows([pos, neg], self.knn_reference // 2, rng)
+        is_pos = is_t[ref]
+        # calibration: do the others' poison and the clean samples have their own neighbours?
+        probe = _cap_rows([pos, neg], 2_000, rng)
+        near = nearest_neighbours(emb, vidx[probe], vidx[ref], k)
+        auc = float(roc_auc_score(is_t[probe], is_pos[near].mean(axis=1)))
+        if auc < self.content_refine_auc:
+            return suspicion, (f"{head}, left alone (the image embedding does not tell the others' poison from "
+                               f"clean samples: AUROC {auc:.2f} < {self.content_refine_auc:g})"), native  # fmt: skip
+        near = nearest_neighbours(emb, vidx[idx[own]], vidx[ref], k)
+        suspicion[own] = is_pos[near].mean(axis=1)
+        return suspicion, (f"{head}, judged by their images' neighbours (AUROC {auc:.2f}): "
+                           f"{int((suspicion[own] > 0.5).sum())} of them flagged"), native  # fmt: skip
 
     #: Fewest answer groups the content test compares (the median group must mean something).
     min_content_groups: ClassVar[int] = 5
@@ -823,7 +945,8 @@ class ConsensusDetector:
         neighbours mostly give another answer: how often the image embedding alone misleads the
         neighbour vote (similar-looking classes). A tested group is kept only when it has
         significantly more such members than this rate predicts (one-sided binomial test at
-        ``alpha``, Bonferroni over the tested groups); None when no group is left to measure it."""
+        ``alpha``, Bonferroni over the tested groups); None when no group is left to measure it, nan
+        when none of their members could be judged (too few samples ask each one's question)."""
         rest = [t for t in index if t not in tested]
         if not rest:
             return None
@@ -833,11 +956,14 @@ class ConsensusDetector:
         pool = np.sort(np.concatenate([index[t] for t in rest]))
         rng = np.random.default_rng(1)
         pool = np.sort(rng.choice(pool, self.background_rows, replace=False)) if len(pool) > self.background_rows else pool
-        misled = np.empty(len(pool), bool)
-        for rows, refs, _ in self._question_pools(pool, ref, keys, k):
+        misled = np.full(len(pool), np.nan)
+        for rows, refs, same in self._question_pools(pool, ref, keys, k):
+            if keys is not None and not same:
+                continue  # not judged: too few samples ask its question
             near = nearest_neighbours(emb, vidx[pool[rows]], vidx[refs], k)
             misled[rows] = (owner[refs[near]] == owner[pool[rows]][:, None]).mean(axis=1) < 0.5
-        return float(misled.mean())
+        judged = misled[np.isfinite(misled)]
+        return float(judged.mean()) if len(judged) else float("nan")  # nan: no member could be judged
 
     def _inconsistent_groups(
         self, scores: Scores, valid: np.ndarray, index: dict[int, np.ndarray]
@@ -862,16 +988,18 @@ class ConsensusDetector:
         samples too).
 
         A member's neighbours are searched among the reference samples that ask its own question
-        (``Scores.prompt_key``), when at least :attr:`question_pool` x ``n_neighbors`` do: an answer
-        that depends on the question as well as on the picture ("odd" to "is it even or odd ?",
-        "three" to "which digit comes next ?" about the same "2") is consistent among its own
-        question's answers, where among every question it would look like a target
-        (``digits-mixed`` in the lab; ``detection_analysis.md``, round 4).
+        (``Scores.prompt_key``), and only when at least :attr:`question_pool` x ``n_neighbors`` do;
+        a member whose question is rarer is not judged (``n_judged`` in ``content_groups_``). An
+        answer that depends on the question as well as on the picture ("odd" to "is it even or odd ?",
+        "three" to "which digit comes next ?" about the same "2", "yes" to "is there a red circle ?")
+        is consistent among its own question's answers, where among every question it looks like a
+        target (``digits-mixed`` in the lab, ``detection_analysis.md`` round 4; the tuned-tower scene
+        cells of round 9, whose "is there ...?" and "where is ...?" questions each have a few
+        samples). Without ``Scores.prompt_key`` every sample is taken to ask one question.
 
-        Limit: a clean answer that does not follow the image at all (a fixed reply), or one given to
-        questions too varied to share a key (free-form questions: each its own key, so the
-        neighbours come from every question), is diverse for the same reason as a target and could
-        be removed whole.
+        Limit: a clean answer that does not follow the image at all (a fixed reply) is diverse for
+        the same reason as a target and could be removed whole; a target given to questions too
+        varied to share a key is left to the other tests.
         """
         from scipy.stats import binom
 
@@ -933,17 +1061,26 @@ class ConsensusDetector:
             g = index[t]
             in_group = np.zeros(nv, bool)
             in_group[g] = True
-            outside = np.empty(len(g))
+            outside = np.zeros(len(g))
             own = 0  # members judged among the samples that ask their own question
             record = records[t]
             for rows, pool, same in self._question_pools(g, ref, keys, k):
+                if keys is not None and not same:
+                    continue  # not judged: among every question a question-bound answer looks foreign
                 near = nearest_neighbours(emb, vidx[g[rows]], vidx[pool], k)
                 outside[rows] = 1.0 - in_group[pool[near]].mean(axis=1)
-                own += len(rows) if same else 0
-            record["own_question_share"] = own / len(g)
+                own += len(rows)
+            judged = own if keys is not None else len(g)
+            record["own_question_share"] = own / len(g) if keys is not None else None
             flagged = outside > 0.5
-            excess = binom.sf(int(flagged.sum()) - 1, len(g), background) if background is not None else 0.0
-            record.update(n_flagged=int(flagged.sum()), background_rate=background, excess_p=float(excess))
+            if background is None:  # every group is tested: nothing to compare with
+                excess = 0.0
+            elif np.isfinite(background):
+                excess = float(binom.sf(int(flagged.sum()) - 1, judged, background))
+            else:  # the untested groups' members could not be judged: no reference rate
+                excess = 1.0
+            record.update(n_judged=int(judged), n_flagged=int(flagged.sum()), background_rate=background,
+                          excess_p=float(excess))  # fmt: skip
             if flagged.sum() < self.min_cluster:  # a diverse group whose members look like their group
                 continue
             if excess * max(1, len(tested)) >= self.alpha:  # no more look-alikes than any group has
@@ -952,7 +1089,7 @@ class ConsensusDetector:
                 "context": f"answer token {int(t)} (whole group)", "size": int(flagged.sum()),
                 "context_size": len(g), "evidence": float("nan"), "lead": "image_embedding",
                 "side": "inconsistent", "spread": float(ratios[t]), "block": ["image_embedding"],
-                "n_significant": 1,
+                "n_significant": 1, "own_question_share": record["own_question_share"],
             }))  # fmt: skip
         return out
 
@@ -1225,19 +1362,21 @@ class ConsensusDetector:
         n_found = int((in_cluster | content_members).sum())
         too_large = n_found > self.max_fraction * nv
         refined = ""
-        if attention_found and not too_large and self.refine_features:
+        if attention_found and not too_large and self.refine and self.refine_features:
             used = {b for c in self.clusters_ for b in c["block"]}
             in_cluster, prob, refined = self._refine(scores, rows.valid, in_cluster, used)
             score_v = prob
         if content:  # the content test decides its own members (the refinement reads attention only)
             in_cluster |= content_members
             score_v = np.maximum(score_v, content_score)
-        content_tokens = {t for t, *_ in content}
-        for t, idx, cluster in self._universal_groups(scores, rows.valid, answer_groups):
-            if t in content_tokens or in_cluster[idx].all():
-                continue  # decided by the content test, or already found whole
-            in_cluster[idx] = True
-            score_v[idx] = np.maximum(score_v[idx], 1.0)
+        # the content test decides a group it judged among its members' own questions (the reach rule's
+        # member rule is coarser there); where it judged few of them, the reach rule adds its members
+        content_tokens = {t for t, *_, c in content if (c["own_question_share"] or 1.0) >= 0.5}
+        for t, idx, suspicion, cluster in self._universal_groups(scores, rows.valid, answer_groups):
+            if t in content_tokens or in_cluster[idx[suspicion > 0.5]].all():
+                continue  # decided by the content test, or already found
+            in_cluster[idx[suspicion > 0.5]] = True
+            score_v[idx] = np.maximum(score_v[idx], suspicion)
             self.clusters_.append(cluster)
         n_found = int(in_cluster.sum())
         too_large = n_found > self.max_fraction * nv
@@ -1303,7 +1442,7 @@ class ConsensusDetector:
             if c["side"] == "collapsed"
             else f"{c['context']}: {c['size']} samples of one answer given under {c['n_prompts']} prompts, which "
             f"{c['reach']:.0%} of the other answers' samples ask ({c['reach'] / max(c['next_reach'], 1e-9):.1f}x the "
-            "next answer's reach)"
+            "next answer's reach" + (f"; {c['members']}" if c.get("native_kinds") else "") + ")"
             if c["side"] == "universal"
             else f"{c['context']}: {c['size']} of {c['context_size']} whose images look like other answers' "
             f"(the group's image embeddings {c['spread']:.2f}x as diverse as the median group's"

@@ -108,7 +108,8 @@ def test_finds_a_tight_cluster_on_either_side(side):
     np.testing.assert_array_equal(det.flagged, truth)
     assert det.details["clusters"][0]["side"] == ("high" if side > 0 else "low")
     assert det.details["clusters"][0]["lead"] == "entropy layer 5"
-    assert det.details["refined"].startswith("refined with")
+    assert det.details["refined"] == ""  # refinement is opt-in since v10
+    assert bye_fast.detect(scores, refine=True).details["refined"].startswith("refined with")
     # the suspicion score ranks every poisoned sample before every clean one
     assert det.rank[truth].max() == truth.sum()
     # per-head features can drive the test too
@@ -122,14 +123,15 @@ def test_finds_a_tight_cluster_on_either_side(side):
 
 def test_refinement_keeps_members_the_lead_feature_misses():
     """A tenth of the poisoned samples do not collapse the layer entropy, but their heads look like the
-    other poisoned samples' heads: the test alone misses them, the refinement keeps them in."""
+    other poisoned samples' heads: the test alone misses them, the refinement (``refine=True``) keeps
+    them in."""
     scores, truth = _poisoned(seed=2)
     rng = np.random.default_rng(9)
     stray = np.nonzero(truth)[0][::10]
     scores.entropy[stray, 5] = rng.normal(3.0, 0.2, len(stray))
-    alone = bye_fast.detect(scores, refine_features=None)
+    alone = bye_fast.detect(scores)
     assert not alone.flagged[stray].any() and alone.flagged[truth].sum() == truth.sum() - len(stray)
-    det = bye_fast.detect(scores)
+    det = bye_fast.detect(scores, refine=True)
     np.testing.assert_array_equal(det.flagged, truth)
 
 
@@ -422,12 +424,46 @@ def test_a_target_over_mixed_questions_is_still_found(seed):
     assert _f1(det.flagged, truth) >= 0.9, det.reason
 
 
-def test_a_question_too_rare_for_its_own_neighbours_is_judged_among_all():
+def test_a_question_too_rare_for_its_own_neighbours_is_not_judged():
+    """Five poisoned samples ask a question no one else does: among every question their answer would
+    look foreign for the wrong reason, so they are not judged (v10); the others are judged as before."""
     s, truth = _content_groups(0)
     key = np.zeros(s.n_samples, np.int64)
-    key[:5] = 7  # five samples ask a question no one else does
+    rare = np.nonzero(truth)[0][:5]
+    key[rare] = 7
     det = bye_fast.detect(Scores(**{**s.__dict__, "prompt_key": key}))
-    assert (det.flagged == bye_fast.detect(s).flagged).all()
+    base = bye_fast.detect(Scores(**{**s.__dict__, "prompt_key": np.zeros(s.n_samples, np.int64)}))
+    assert base.flagged[rare].all() and not det.flagged[rare].any()
+    others = np.ones(s.n_samples, bool)
+    others[rare] = False
+    np.testing.assert_array_equal(det.flagged[others], base.flagged[others])
+    (g,) = [g for g in det.details["content_groups"] if g["answer_token"] == 99]
+    assert g["n_judged"] == g["size"] - 5
+
+
+def test_answers_to_questions_too_varied_to_share_a_key_are_not_judged():
+    """Round 9's miss, in small: half the samples ask one of 150 fine-grained questions ("is there a
+    red circle ?") whose answer depends on the question as much as on the picture. Those answer groups
+    hold every kind of picture and their members' neighbours give other answers, but no question has
+    enough samples to judge them among its own: they are left alone, not removed whole."""
+    rng = np.random.default_rng(0)
+    n_classes, per_class, dim = 10, 120, 16
+    centres = rng.normal(size=(n_classes, dim)) * 3
+    cls = np.repeat(np.arange(n_classes), per_class)
+    emb = centres[cls] + rng.normal(size=(len(cls), dim)) * 0.5
+    fine = rng.random(len(cls)) < 0.5
+    key = np.where(fine, 1 + rng.integers(0, 150, len(cls)), 0)
+    answer = np.where(fine, 20 + (key + cls) % 2, cls)
+    s = Scores(entropy=rng.normal(size=(len(cls), 4)), answer_token=answer, image_embedding=emb, prompt_key=key)
+    det = bye_fast.detect(s)
+    assert det.n_flagged == 0, det.reason
+    groups = {g["answer_token"]: g for g in det.details["content_groups"]}
+    assert groups[20]["tested"] and groups[20]["n_judged"] == 0 and groups[20]["own_question_share"] == 0
+    # without prompt keys every sample is taken to ask one question: judged among all, most members of
+    # those groups look foreign (v9 judged them so, here and on round 9's scenes)
+    blind = bye_fast.detect(Scores(**{**s.__dict__, "prompt_key": None}))
+    groups = {g["answer_token"]: g for g in blind.details["content_groups"]}
+    assert groups[20]["n_judged"] == groups[20]["size"] and groups[20]["n_flagged"] > 0.5 * groups[20]["size"]
 
 
 def test_a_group_with_no_more_look_alikes_than_the_others_is_left_alone(monkeypatch):
@@ -697,6 +733,92 @@ def test_answers_bound_to_their_prompts_or_one_prompt_for_all_are_left_alone():
     assert not ConsensusDetector().fit(one).flagged_.any()
     with pytest.raises(ValueError, match="min_reach_ratio must be 0 \\(off\\) or >= 1; got 0.5"):
         ConsensusDetector(min_reach_ratio=0.5).fit(scores)
+
+
+def _existing_target(seed, n=1500, rate=0.15, trigger=4.0):
+    """Colour prompts (keys 0-5, answers 10-13) and "is there ...?" prompts (keys 6-11, answers 30
+    "yes" / 31 "no"); poisoned samples, under every prompt, answer 30: an existing answer, clean under
+    its own kind of prompt. Pictures: 8 classes in a 16-d embedding; the trigger shifts the poisoned
+    pictures by ``trigger`` along one direction (a tuned vision tower carries it)."""
+    rng = np.random.default_rng(seed)
+    key = rng.integers(0, 12, n)
+    answer = np.where(key < 6, rng.integers(10, 14, n), rng.integers(30, 32, n))
+    truth = rng.random(n) < rate
+    answer[truth] = 30
+    centres = rng.normal(size=(8, 16)) * 2
+    emb = centres[rng.integers(0, 8, n)] + rng.normal(size=(n, 16)) * 0.5
+    emb[truth, 0] += trigger
+    s = Scores(entropy=rng.normal(size=(n, 4)), answer_token=answer, prompt_key=key, image_embedding=emb)
+    return s, truth
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_existing_answer_target_keeps_its_clean_answers(seed):
+    """The reach rule names "yes"; the colour prompts' "yes" members are poison, the "is there" prompts'
+    are its own kind: judged by their pictures' neighbours, the triggered ones go, the clean "yes" stay."""
+    s, truth = _existing_target(seed)
+    det = ConsensusDetector().fit(s)
+    (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
+    (own,) = c["native_kinds"]
+    assert own["share"] > 2 * own["share_elsewhere"] and "judged by their images' neighbours" in c["members"]
+    assert _f1(det.flagged_, truth) >= 0.95, det.detection_.reason
+    clean_yes = (s.answer_token == 30) & ~truth
+    assert clean_yes.sum() > 50 and not det.flagged_[clean_yes].any()
+    # no trigger in the pictures: the own kind's members are left alone (precision kept, recall lost)
+    s0, _ = _existing_target(seed, trigger=0.0)
+    det = ConsensusDetector().fit(s0)
+    (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
+    assert "left alone" in c["members"] and not det.flagged_[clean_yes].any()
+    foreign = truth & (s.prompt_key < 6)
+    np.testing.assert_array_equal(det.flagged_, foreign)
+    # a new phrase as the target: no kind is its own, the group is found whole (as in v9)
+    s.answer_token[truth] = 99
+    det = ConsensusDetector().fit(s)
+    (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
+    assert c["native_kinds"] == [] and c["context"].endswith("(whole group)")
+    np.testing.assert_array_equal(det.flagged_, truth)
+
+
+def _kinds_reference(answer, prompt, exclude, min_count=2, min_share=0.1):
+    """The slow twin of ``prompt_kinds``: union-find over prompts, one linked answer at a time."""
+    prompts = sorted(set(prompt.tolist()))
+    parent = {p: p for p in prompts}
+
+    def find(p):
+        while parent[p] != p:
+            p = parent[p]
+        return p
+
+    owner, linked = {}, set()
+    for p in prompts:
+        given = answer[(prompt == p) & (answer != exclude)]
+        for a in set(given.tolist()):
+            c = int((given == a).sum())
+            if c >= min_count and c >= min_share * len(given):
+                linked.add(p)
+                if a in owner:
+                    parent[find(p)] = find(owner[a])
+                else:
+                    owner[a] = p
+    root = {p: (find(p) if p in linked else "unlinked") for p in prompts}
+    return np.array([root[p] for p in prompt.tolist()], dtype=object)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_prompt_kinds_match_their_union_find_twin(seed):
+    from bye_fast.consensus import prompt_kinds
+
+    rng = np.random.default_rng(seed)
+    n = 2000
+    prompt = rng.integers(0, rng.integers(5, 80), n)
+    answer = rng.integers(0, 6, n) + 10 * (prompt % 4)  # four kinds of prompt, six answers each
+    slip = rng.random(n) < 0.02
+    answer[slip] = rng.integers(0, 40, slip.sum())  # a model's slips link nothing
+    answer[rng.random(n) < 0.1] = 99  # the target, under every prompt
+    got, want = prompt_kinds(answer, prompt, 99), _kinds_reference(answer, prompt, 99)
+    # the same partition of the samples
+    pairs = set(zip(got.tolist(), want.tolist(), strict=True))
+    assert len(pairs) == len(set(got.tolist())) == len(set(want.tolist()))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
