@@ -95,6 +95,10 @@ ROUND10_SCENE_SEEDS = (26, 27)
 ROUND10_MIXED_SEEDS = (17,)
 ROUND10_SEEDS = (30,)
 ROUND10_PARITY_SEEDS = (14,)
+#: Round 11 (after round 10's miss on an existing-answer scene target): held-out scene seeds (lora-vision) with
+#: "yes" as the target, and a digits-ten seed for the existing-answer cells that are the design's weakest.
+ROUND11_SCENE_SEEDS = (28, 29)
+ROUND11_SEEDS = (31,)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
@@ -142,6 +146,17 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
+    if which in ("design11", "heldout11", "all11"):  # round 11: existing-answer targets, new seeds
+        design = [("design11", spec) for _, spec in cells_of("all10")]
+        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
+                       for seed in ROUND11_SCENE_SEEDS
+                       for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.2, "existing"),
+                                                     ("sig", 0.1, "existing"), ("patch", 0.2, "phrase"))]  # fmt: skip
+        ten_cells = [CellSpec(task="digits-ten", trigger=trigger, rate=rate, seed=seed, target=target)
+                     for seed in ROUND11_SEEDS
+                     for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.1, "existing"))]  # fmt: skip
+        heldout = [("heldout11", spec) for spec in scene_cells + ten_cells]
+        return {"design11": design, "heldout11": heldout, "all11": design + heldout}[which]
     if which in ("design10", "heldout10", "all10"):  # round 10: every family, new seeds
         design = [("design10", spec) for _, spec in cells_of("all9")]
         scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
@@ -270,9 +285,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 9 or 10 (design10, heldout10, all10); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 10 or 11 (design11, heldout11, all11); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -376,7 +391,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout10", "Round 10, held-out cells (scenes seeds 26-27 fine-tuned with lora-vision, clean, "
+    for set_name, title in (("heldout11", "Round 11, held-out cells (scenes seeds 28-29 fine-tuned with lora-vision, clean, "
+                                           "centre patch 20% and SIG 10% with \"yes\" as the target, centre patch 20% with "
+                                           "the phrase; digits-ten seed 31, clean and existing answer 10%)"),
+                            ("design11", "Round 11, design cells (every cell of rounds 1-10)"),
+                            ("heldout10", "Round 10, held-out cells (scenes seeds 26-27 fine-tuned with lora-vision, clean, "
                                            "centre patch 20% with the phrase and with \"yes\", SIG 10%; digits-mixed seed 17; "
                                            "digits-ten seed 30; digits-parity seed 14, clean and two patches 20%)"),
                             ("design10", "Round 10, design cells (every cell of rounds 1-9)"),

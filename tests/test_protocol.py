@@ -174,6 +174,20 @@ def test_round_ten_holds_out_new_seeds_of_every_family():
     assert {s.target for s in specs if s.task == "scenes" and s.rate > 0} == {"phrase", "existing"}
 
 
+def test_round_eleven_holds_out_existing_answer_targets_on_new_seeds():
+    det = _detection()
+    design, heldout = det.cells_of("design11"), det.cells_of("heldout11")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all10")}
+    rounds = [det.cells_of(f"all{r}") for r in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10")] + [det.cells_of("mixed")]
+    seen = [cell for cells in rounds for cell in cells]
+    for task in ("scenes", "digits-ten"):
+        assert _seeds(heldout, task) and not _seeds(heldout, task) & _seeds(seen, task), task
+    specs = [s for _, s in heldout]
+    assert len(specs) == 10 and not {s.name for s in specs} & {s.name for _, s in seen}
+    assert {(s.task, s.seed) for s in specs} == {(s.task, s.seed) for s in specs if s.rate == 0}
+    assert sum(s.target == "existing" for s in specs if s.task == "scenes") == 4
+
+
 @pytest.mark.parametrize("embedding, target", [(0, "phrase"), (32, "phrase"), (32, "existing")])
 def test_bench_detect_data_is_found_by_the_default(embedding, target):
     """The detect benchmark's synthetic poison is one a backdoor makes (one target answer): the
