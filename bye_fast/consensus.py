@@ -71,8 +71,9 @@ How (:class:`ConsensusDetector`), chosen on the design cells of
    content test decided that group among its members' own questions. Its members
    asked a kind of question (:func:`prompt_kinds`) where the answer is not the
    target's own are flagged; an existing answer ("yes") is also the clean answer
-   of its own kind, and the members asked that kind are judged by their pictures'
-   neighbours (v10).
+   of its own kind, and the members asked that kind are judged by their neighbours
+   among the others' poison and the other answers' samples, in the pictures and in
+   the attention (v10, v11); the rule then decides the whole group.
 7. **Refinement** (``refine=True``; off by default since v10): the clusters'
    members are then decided by a logistic regression of cluster vs rest on
    :data:`REFINE_FEATURES` (per-head features included) less the features that
@@ -826,10 +827,17 @@ class ConsensusDetector:
         existing answer ("yes") is also the clean answer of its own kind of question (see
         :func:`prompt_kinds`). A kind where the target's share is at least :attr:`native_ratio`
         times its share elsewhere (binomial test at ``alpha``, Bonferroni over the kinds) is its own;
-        the members asked other kinds of question are poison, and the members asked its own kind
-        are judged by the attention: a logistic regression of those poison members vs every other
-        answer's samples on :data:`REFINE_FEATURES` (checked cross-fitted, AUROC >=
-        :attr:`content_refine_auc`; else they are left alone) gives each its suspicion.
+        the members asked other kinds of question are poison, and each member asked its own kind
+        is judged by its ``n_neighbors`` nearest among those poison members and every other
+        answer's samples (at most :attr:`knn_reference`): its suspicion is the share of them that
+        are poison, averaged over two views -- the pictures (``Scores.image_embedding``) and the
+        standardised :data:`REFINE_FEATURES` -- each used only when the same vote tells the
+        reference's poison from its other samples (AUROC >= :attr:`content_refine_auc`, each
+        sample's own vote without itself); with neither, those members are left alone. The
+        pictures carry a trigger the tower was tuned on (SIG), the attention a patch; both views
+        are read because either alone fails on some design cells (``existing_target.md``). The
+        member rule then decides the whole group: a tail or collapsed cluster found inside it (a
+        clean mode of its own kind's answers, round 10) is overruled.
         """
         if not self.min_reach_ratio or scores.prompt_key is None or len(index) < 2:
             return []
@@ -878,27 +886,45 @@ class ConsensusDetector:
         own = np.isin(kind[idx], [r["kind"] for r in native])
         suspicion = (~own).astype(np.float64)
         head = f"{int((~own).sum())} members asked other kinds of question; {int(own.sum())} asked its own kind"
-        emb = scores.image_embedding
         k = int(self.n_neighbors)
         pos, neg = idx[~own], np.nonzero(~is_t)[0]
-        if emb is None or not own.any() or len(pos) <= k or len(neg) <= k:
+        if not own.any() or len(pos) <= k or len(neg) <= k:
             return suspicion, f"{head}, left alone (its clean answers)", native
         from sklearn.metrics import roc_auc_score
 
         vidx = np.nonzero(valid)[0]
         rng = np.random.default_rng(0)
         ref = _cap_rows([pos, neg], self.knn_reference // 2, rng)
+        rows = np.concatenate([ref, idx[own]])  # one gather of the rows the votes read
+        views = []
+        if scores.image_embedding is not None:
+            views.append(("pictures", np.asarray(scores.image_embedding[vidx[rows]], dtype=np.float32)))
+        cols = FeatureColumns(scores, tuple(self.refine_features or REFINE_FEATURES))
+        x = cols.gather(0, cols.n_features, vidx[rows]).T.astype(np.float32)
+        x = x[:, np.isfinite(x).all(axis=0)]
+        if x.shape[1]:
+            xr = x[: len(ref)]
+            med, sd = np.median(xr, axis=0), xr.std(axis=0)
+            views.append(("attention", (x - med) / np.where(sd > 0, sd, 1.0)))
+        at_ref = np.arange(len(ref))
         is_pos = is_t[ref]
-        # calibration: do the others' poison and the clean samples have their own neighbours?
-        probe = _cap_rows([pos, neg], 2_000, rng)
-        near = nearest_neighbours(emb, vidx[probe], vidx[ref], k)
-        auc = float(roc_auc_score(is_t[probe], is_pos[near].mean(axis=1)))
-        if auc < self.content_refine_auc:
-            return suspicion, (f"{head}, left alone (the image embedding does not tell the others' poison from "
-                               f"clean samples: AUROC {auc:.2f} < {self.content_refine_auc:g})"), native  # fmt: skip
-        near = nearest_neighbours(emb, vidx[idx[own]], vidx[ref], k)
-        suspicion[own] = is_pos[near].mean(axis=1)
-        return suspicion, (f"{head}, judged by their images' neighbours (AUROC {auc:.2f}): "
+        # calibration: reference samples, each voted on by its neighbours (itself excluded)
+        at_probe = np.sort(_cap_rows([np.nonzero(is_pos)[0], np.nonzero(~is_pos)[0]], 2_000, rng))
+        at_own = len(ref) + np.arange(int(own.sum()))
+        votes, used = [], []
+        for name, view in views:  # a member whose neighbours are mostly the others' poison is poison
+            near = nearest_neighbours(view, at_probe, at_ref, k)
+            auc = float(roc_auc_score(is_pos[at_probe], is_pos[near].mean(axis=1)))
+            if auc < self.content_refine_auc:
+                used.append(f"{name} not used (AUROC {auc:.2f} < {self.content_refine_auc:g})")
+                continue
+            votes.append(is_pos[nearest_neighbours(view, at_own, at_ref, k)].mean(axis=1))
+            used.append(f"{name} (AUROC {auc:.2f})")
+        if not votes:
+            return suspicion, f"{head}, left alone (neither view tells the others' poison from clean samples: " \
+                              f"{'; '.join(used)})", native
+        suspicion[own] = np.mean(votes, axis=0)
+        return suspicion, (f"{head}, judged by their neighbours in {', '.join(used)}: "
                            f"{int((suspicion[own] > 0.5).sum())} of them flagged"), native  # fmt: skip
 
     #: Fewest answer groups the content test compares (the median group must mean something).
@@ -1373,10 +1399,22 @@ class ConsensusDetector:
         # member rule is coarser there); where it judged few of them, the reach rule adds its members
         content_tokens = {t for t, *_, c in content if (c["own_question_share"] or 1.0) >= 0.5}
         for t, idx, suspicion, cluster in self._universal_groups(scores, rows.valid, answer_groups):
-            if t in content_tokens or in_cluster[idx[suspicion > 0.5]].all():
-                continue  # decided by the content test, or already found
-            in_cluster[idx[suspicion > 0.5]] = True
-            score_v[idx] = np.maximum(score_v[idx], suspicion)
+            if t in content_tokens:
+                continue  # decided by the content test
+            if cluster["native_kinds"]:  # the member rule decides the group (a tail inside it is its clean mode)
+                own = (f"answer token {t}", f"answer token {t} (whole group)")
+                inside = [c for c in self.clusters_ if c["context"] in own]
+                if inside:
+                    cluster["members"] += (f"; {len(inside)} other cluster(s) inside the group "
+                                           f"({sum(c['size'] for c in inside)} samples) overruled")  # fmt: skip
+                    self.clusters_ = [c for c in self.clusters_ if c["context"] not in own]
+                in_cluster[idx] = suspicion > 0.5
+                score_v[idx] = suspicion
+            elif in_cluster[idx[suspicion > 0.5]].all():
+                continue  # already found
+            else:
+                in_cluster[idx[suspicion > 0.5]] = True
+                score_v[idx] = np.maximum(score_v[idx], suspicion)
             self.clusters_.append(cluster)
         n_found = int(in_cluster.sum())
         too_large = n_found > self.max_fraction * nv

@@ -760,7 +760,8 @@ def test_an_existing_answer_target_keeps_its_clean_answers(seed):
     det = ConsensusDetector().fit(s)
     (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
     (own,) = c["native_kinds"]
-    assert own["share"] > 2 * own["share_elsewhere"] and "judged by their images' neighbours" in c["members"]
+    assert own["share"] > 2 * own["share_elsewhere"] and "judged by their neighbours in pictures" in c["members"]
+    assert "attention not used" in c["members"]  # the attention features are noise here
     assert _f1(det.flagged_, truth) >= 0.95, det.detection_.reason
     clean_yes = (s.answer_token == 30) & ~truth
     assert clean_yes.sum() > 50 and not det.flagged_[clean_yes].any()
@@ -777,6 +778,24 @@ def test_an_existing_answer_target_keeps_its_clean_answers(seed):
     (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
     assert c["native_kinds"] == [] and c["context"].endswith("(whole group)")
     np.testing.assert_array_equal(det.flagged_, truth)
+
+
+def test_a_clean_mode_inside_an_existing_answer_target_is_overruled():
+    """A third of the clean "yes" answers sit in a tight tail of one layer's entropy (a clean mode of
+    the "is there ...?" questions): the in-group valley test takes it, but the reach rule's member
+    rule decides the target's group, so those clean answers stay (round 10's miss)."""
+    s, truth = _existing_target(0)
+    rng = np.random.default_rng(5)
+    clean_yes = np.nonzero((s.answer_token == 30) & ~truth)[0]
+    mode = rng.choice(clean_yes, len(clean_yes) // 3, replace=False)
+    s.entropy[mode, 2] = 6.0 + rng.normal(0, 0.02, len(mode))
+    alone = ConsensusDetector(min_reach_ratio=0).fit(s)
+    assert alone.flagged_[mode].mean() > 0.9  # without the reach rule the clean mode is flagged
+    det = ConsensusDetector().fit(s)
+    (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
+    assert "overruled" in c["members"]
+    assert [x["side"] for x in det.clusters_ if x["context"].startswith("answer token 30")] == ["universal"]
+    assert not det.flagged_[clean_yes].any() and _f1(det.flagged_, truth) >= 0.95
 
 
 def _kinds_reference(answer, prompt, exclude, min_count=2, min_share=0.1):
