@@ -820,8 +820,9 @@ class ConsensusDetector:
         target is given to triggered pictures whatever the question. An answer group's *reach* is the
         share of the other answers' samples whose prompt (``Scores.prompt_key``) it is also given
         under. The group with the largest reach (at least ``min_reach``, at least ``min_reach_ratio``
-        times the next group's, at most ``max_fraction`` of the samples) is the target's. Says
-        nothing when every sample asks one prompt (every reach is 1) or when no prompt repeats.
+        times the next group's) is the target's; the members it flags count towards the budget
+        (``max_fraction``) with every other cluster's. Says nothing when every sample asks one
+        prompt (every reach is 1) or when no prompt repeats.
 
         Who in it is poisoned: a target that is a new phrase is poison wherever it is given; an
         existing answer ("yes") is also the clean answer of its own kind of question (see
@@ -1397,7 +1398,7 @@ class ConsensusDetector:
             score_v = np.maximum(score_v, content_score)
         # the content test decides a group it judged among its members' own questions (the reach rule's
         # member rule is coarser there); where it judged few of them, the reach rule adds its members
-        content_tokens = {t for t, *_, c in content if (c["own_question_share"] or 1.0) >= 0.5}
+        content_tokens = {t for t, *_, c in content if c["own_question_share"] is None or c["own_question_share"] >= 0.5}
         for t, idx, suspicion, cluster in self._universal_groups(scores, rows.valid, answer_groups):
             if t in content_tokens:
                 continue  # decided by the content test
