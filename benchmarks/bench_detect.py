@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from _machine import describe, write_markdown  # noqa: E402
 
 
-def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = "phrase") -> dict:
+def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = "phrase", prompts: int = 0) -> dict:
     """Generate, detect, measure (in this process)."""
     import numpy as np
 
@@ -48,6 +48,10 @@ def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = 
     answer = rng.integers(0, 8, n)
     # a backdoor's samples all give its one target: a 9th answer (phrase) or class 0's (existing); v7 sets
     # aside an all-samples tail cluster spread over many answers as a clean mode (min_answer_share)
+    key = None
+    if prompts:  # two kinds of prompt: answers 0-3 under the first half of the keys, 4-7 under the second
+        key = rng.integers(0, prompts, n)
+        answer = np.where(key < prompts // 2, answer % 4, 4 + answer % 4)
     answer[truth] = 8 if target == "phrase" else 0
     emb = None
     if embedding:  # images that follow the answer (8 class centres); a poisoned image is of any class
@@ -57,7 +61,7 @@ def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = 
             s1 = min(n, s0 + 65_536)
             cls = np.where(truth[s0:s1], rng.integers(0, 8, s1 - s0), answer[s0:s1])
             emb[s0:s1] = centres[cls] + rng.normal(0, 0.5, size=(s1 - s0, embedding)).astype(np.float32)
-    scores = Scores(entropy=ent, answer_token=answer, image_embedding=emb)
+    scores = Scores(entropy=ent, answer_token=answer, image_embedding=emb, prompt_key=key)
     del ent, emb
     t = time.perf_counter()
     det = detect(scores)
@@ -70,6 +74,7 @@ def one(n: int, features: int, seed: int = 0, embedding: int = 0, target: str = 
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "embedding": embedding,
         "target": target,
+        "prompts": prompts,
         "input_gb": round((scores.entropy.nbytes + (0 if scores.image_embedding is None else scores.image_embedding.nbytes)) / 2**30, 2),
         "flagged": int(det.n_flagged),
         "recall": round(tp / max(1, truth.sum()), 4),
@@ -88,16 +93,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --embedding: the poisoned samples answer a 9th answer (phrase, default) or class "
                          "0's (existing: the content test's vote then also takes clean zeros, and the attention "
                          "re-decides the group's members)")  # fmt: skip
+    ap.add_argument("--prompts", type=int, default=0,
+                    help="also a prompt key per sample: this many prompts of two kinds (answers 0-3 under the first "
+                         "half, 4-7 under the second), the target under all of them, so the answer-reach rule runs "
+                         "(and with --target existing its per-kind member rule; default 0: no prompt keys)")  # fmt: skip
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_detect")
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.sizes[0], args.features, embedding=args.embedding, target=args.target)))
+        print(json.dumps(one(args.sizes[0], args.features, embedding=args.embedding, target=args.target,
+                             prompts=args.prompts)))
         return 0
     rows = []
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--one", "--sizes", str(n), "--features", str(args.features),
-               "--embedding", str(args.embedding), "--target", args.target]  # fmt: skip
+               "--embedding", str(args.embedding), "--target", args.target, "--prompts", str(args.prompts)]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -115,14 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "With `--embedding D`: also a D-dim image embedding; the poisoned samples answer a 9th answer "
         "(`--target existing`: class 0's) whatever their image (class centre), so the content test flags "
-        "that group and searches neighbours for each of its members.",
+        "that group and searches neighbours for each of its members. With `--prompts K`: K prompt keys of two "
+        "kinds (answers 0-3 / 4-7), the target under every prompt: the answer-reach rule names it, and with "
+        "`--target existing` judges the members asked its own kind by their neighbours.",
         "",
-        "| samples | features | embedding | target | seconds | peak RSS GB | input GB | flagged | recall | precision |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| samples | features | embedding | target | prompts | seconds | peak RSS GB | input GB | flagged | recall | precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['samples']:,} | {r['features']:,} | {r['embedding']} | {r.get('target', 'phrase')} | {r['seconds']} | {r['peak_rss_gb']} | {r['input_gb']} "
+            f"| {r['samples']:,} | {r['features']:,} | {r['embedding']} | {r.get('target', 'phrase')} | {r.get('prompts', 0)} "
+            f"| {r['seconds']} | {r['peak_rss_gb']} | {r['input_gb']} "
             f"| {r['flagged']:,} | {r['recall']} | {r['precision']} |"
         )
     write_markdown(args.out, lines)

@@ -188,11 +188,12 @@ def test_round_eleven_holds_out_existing_answer_targets_on_new_seeds():
     assert sum(s.target == "existing" for s in specs if s.task == "scenes") == 4
 
 
-@pytest.mark.parametrize("embedding, target", [(0, "phrase"), (32, "phrase"), (32, "existing")])
-def test_bench_detect_data_is_found_by_the_default(embedding, target):
+@pytest.mark.parametrize("embedding, target, prompts", [(0, "phrase", 0), (32, "phrase", 0), (32, "existing", 0),
+                                                      (0, "phrase", 40), (32, "existing", 40)])  # fmt: skip
+def test_bench_detect_data_is_found_by_the_default(embedding, target, prompts):
     """The detect benchmark's synthetic poison is one a backdoor makes (one target answer): the
     default must find it at a small size, or the benchmark's times are of a run that finds nothing."""
-    r = _bench("bench_detect").one(6000, 128, embedding=embedding, target=target)
+    r = _bench("bench_detect").one(6000, 128, embedding=embedding, target=target, prompts=prompts)
     assert r["recall"] >= 0.95 and r["precision"] >= 0.9, r
 
 
