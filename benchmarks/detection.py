@@ -101,7 +101,7 @@ ROUND11_SCENE_SEEDS = (28, 29)
 ROUND11_SEEDS = (31,)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
-           "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "ca_after",
+           "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "asr_clean", "ca_after",
            "ceiling_f1", "linear_f1", "seconds", "reason"]  # fmt: skip
 
 
@@ -234,7 +234,7 @@ def run_cell(
     """Every detector on one cell; retraining for the default where it matters."""
     import bye_fast
     from bye_fast.lab import baselines
-    from bye_fast.lab.cell import prepare_cell, retrain
+    from bye_fast.lab.cell import clean_asr, prepare_cell, retrain
     from bye_fast.lab.metrics import detection_metrics, feature_ceiling, linear_ceiling
 
     t0 = time.perf_counter()
@@ -266,6 +266,10 @@ def run_cell(
     # a clean or not-learned cell is judged by what was removed
     if retrain_default and spec.rate > 0 and before["asr"] >= 0.5:
         after = before if not flagged.any() else retrain(cell, ~flagged)
+    # an existing answer's ASR has a floor: how often the clean cell's model gives that answer anyway
+    floor = 0.0 if spec.target == "phrase" else float("nan")
+    if retrain_default and spec.rate > 0 and spec.target != "phrase" and (clean_folder / "model").exists():
+        floor = clean_asr(cell, clean_folder)
     rows = []
     for name, (flagged, score) in results.items():
         m = detection_metrics(truth, flagged, score)
@@ -276,6 +280,7 @@ def run_cell(
             "n_poisoned": int(truth.sum()), "removed": m["removed_fraction"], "precision": m["precision"],
             "recall": m["recall"], "f1": m["f1"] if spec.rate > 0 else float("nan"),
             "asr_after": after["asr"] if name == "default" else float("nan"),
+            "asr_clean": floor if spec.rate > 0 else float("nan"),
             "ca_after": after["ca"] if name == "default" else float("nan"),
             "ceiling_f1": ceiling, "linear_f1": linear, "seconds": round(time.perf_counter() - t0, 1),
             "reason": det.reason if name == "default" else (paper.reason if name == "paper" else ""),
@@ -456,6 +461,11 @@ def _section(rows: list[dict], title: str) -> list[str]:
         if asr:
             out.append(f"| ASR after <= 2% | median {statistics.median(asr):.3f}, worst {max(asr):.3f} | "
                        f"{'met' if max(asr) <= 0.02 else '**missed**'} |")  # fmt: skip
+        excess = [r["asr_after"] - r.get("asr_clean", float("nan")) for r in d]
+        excess = [x for x in excess if x == x]
+        if excess and len(excess) == len(asr):  # every cell's floor known (0 for a fixed phrase)
+            out.append(f"| ASR after <= 2 points above the clean model's own rate | worst {max(excess) * 100:.1f} "
+                       f"points | {'met' if max(excess) <= 0.02 else '**missed**'} |")  # fmt: skip
         if drop:
             out.append(f"| CA within 2 points of the clean cell | worst drop {max(drop) * 100:.1f} points | "
                        f"{'met' if max(drop) <= 0.02 else '**missed**'} |")  # fmt: skip

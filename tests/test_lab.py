@@ -349,3 +349,32 @@ def test_demo_summary_says_dash_not_nan_when_nothing_is_removed():
     r.n_removed, r.precision, r.recall, r.f1 = 79, 0.937, 0.925, 0.931
     row = next(line for line in summary_table(r).splitlines() if "precision / recall / F1" in line)
     assert "0.937 / 0.925 / 0.931 |" in row
+
+
+def test_clean_asr_reads_the_clean_cells_model_with_the_cells_trigger_and_target(tmp_path, monkeypatch):
+    """The ASR floor of an existing-answer target: the clean cell's model, asked with the poisoned cell's
+    trigger and target answer; a folder that is not that clean cell is refused by name."""
+    from dataclasses import asdict
+
+    from bye_fast.lab import cell as cell_mod
+
+    spec = cell_mod.CellSpec(task="scenes", trigger="sig", rate=0.2, seed=28, target="existing", n_user=20, n_test=12)
+    cell = cell_mod.Cell(spec, tmp_path / spec.name, {"target_answer": "yes"}, None, np.zeros(20, bool))
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    other = cell_mod.CellSpec(task="scenes", rate=0.0, seed=29, n_user=20, n_test=12)
+    (clean / "before.json").write_text(json.dumps({"spec": asdict(other)}))
+    with pytest.raises(ValueError, match="not the clean cell of scenes-sig-0.2-existing-s28"):
+        cell_mod.clean_asr(cell, clean)
+    mine = cell_mod.CellSpec(task="scenes", rate=0.0, seed=28, n_user=20, n_test=12)
+    (clean / "before.json").write_text(json.dumps({"spec": asdict(mine)}))
+    calls = []
+    monkeypatch.setattr(cell_mod, "_load_model", lambda folder: (f"model of {folder.name}", "processor"))
+
+    def fake_evaluate(model, test, *, processor, trigger, target):
+        calls.append((model, len(test.records), trigger.name, target))
+        return {"asr": 0.085, "ca": 0.5}
+
+    monkeypatch.setattr(cell_mod, "evaluate", fake_evaluate)
+    assert cell_mod.clean_asr(cell, clean) == 0.085
+    assert calls == [("model of clean", 12, "sig", "yes")]

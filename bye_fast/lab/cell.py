@@ -37,7 +37,7 @@ from bye_fast.lab.models import WEIGHTS_DIR, load_base_model
 from bye_fast.lab.tasks import TARGET, Task, build_task, load_images
 from bye_fast.lab.train import METHODS, evaluate, finetune
 
-__all__ = ["FINETUNE", "Cell", "CellSpec", "fingerprint", "prepare_cell", "retrain"]
+__all__ = ["FINETUNE", "Cell", "CellSpec", "clean_asr", "fingerprint", "prepare_cell", "retrain"]
 
 #: Fine-tuning settings per task family (``bye_fast.lab.train.finetune`` keywords), measured so that the
 #: backdoors are learned (``benchmarks/results/learnability.md``): the multi-type scenes task, where the
@@ -269,3 +269,21 @@ def retrain(
     res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
                    target=cell.before["target_answer"])  # fmt: skip
     return {**res, "n_kept": len(kept)}
+
+
+def clean_asr(cell: Cell, clean: str | Path) -> float:
+    """The attack success rate of the un-attacked model: the model of the prepared clean cell in
+    ``clean`` (the same task, seed and fine-tuning, no poison) on ``cell``'s triggered test images and
+    target. For a fixed phrase it is 0; for an existing answer ("yes") it is how often a clean model
+    gives that answer anyway -- the floor of ASR after a perfect defence."""
+    clean = Path(clean)
+    meta = json.loads((clean / "before.json").read_text())
+    if meta["spec"]["rate"] != 0 or meta["spec"]["task"] != cell.spec.task or meta["spec"]["seed"] != cell.spec.seed:
+        raise ValueError(f"{clean}: not the clean cell of {cell.spec.name} (its spec: {meta['spec']})")
+    spec = cell.spec
+    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
+    model, processor = _load_model(clean)
+    res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
+                   target=cell.before["target_answer"])  # fmt: skip
+    return float(res["asr"])
+
