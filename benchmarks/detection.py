@@ -99,6 +99,9 @@ ROUND10_PARITY_SEEDS = (14,)
 #: "yes" as the target, and a digits-ten seed for the existing-answer cells that are the design's weakest.
 ROUND11_SCENE_SEEDS = (28, 29)
 ROUND11_SEEDS = (31,)
+#: Round 12 (v11 again, no design change): more held-out seeds for the existing-answer targets.
+ROUND12_SCENE_SEEDS = (30, 31)
+ROUND12_MIXED_SEEDS = (18,)
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "asr_clean", "ca_after",
@@ -146,6 +149,14 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
+    if which in ("design12", "heldout12", "all12"):  # round 12: v11 again on new seeds
+        design = [("design12", spec) for _, spec in cells_of("all11")]
+        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
+                       for seed in ROUND12_SCENE_SEEDS
+                       for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.2, "existing"),
+                                                     ("sig", 0.1, "existing"), ("sig", 0.1, "phrase"))]  # fmt: skip
+        heldout = [("heldout12", spec) for spec in scene_cells + [s for seed in ROUND12_MIXED_SEEDS for s in mixed_seed(seed)]]
+        return {"design12": design, "heldout12": heldout, "all12": design + heldout}[which]
     if which in ("design11", "heldout11", "all11"):  # round 11: existing-answer targets, new seeds
         design = [("design11", spec) for _, spec in cells_of("all10")]
         scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
@@ -290,9 +301,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 10 or 11 (design11, heldout11, all11); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 11 or 12 (design12, heldout12, all12); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -396,7 +407,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout11", "Round 11, held-out cells (scenes seeds 28-29 fine-tuned with lora-vision, clean, "
+    for set_name, title in (("heldout12", "Round 12, held-out cells (v11 again; scenes seeds 30-31 fine-tuned with lora-vision, "
+                                           "clean, centre patch 20% and SIG 10% with \"yes\", SIG 10% with the phrase; "
+                                           "digits-mixed seed 18)"),
+                            ("design12", "Round 12, design cells (every cell of rounds 1-11)"),
+                            ("heldout11", "Round 11, held-out cells (scenes seeds 28-29 fine-tuned with lora-vision, clean, "
                                            "centre patch 20% and SIG 10% with \"yes\" as the target, centre patch 20% with "
                                            "the phrase; digits-ten seed 31, clean and existing answer 10%)"),
                             ("design11", "Round 11, design cells (every cell of rounds 1-10)"),

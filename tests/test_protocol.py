@@ -188,6 +188,19 @@ def test_round_eleven_holds_out_existing_answer_targets_on_new_seeds():
     assert sum(s.target == "existing" for s in specs if s.task == "scenes") == 4
 
 
+def test_round_twelve_holds_out_new_seeds_for_v11():
+    det = _detection()
+    design, heldout = det.cells_of("design12"), det.cells_of("heldout12")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all11")}
+    rounds = [det.cells_of(f"all{r}") for r in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")]
+    seen = [cell for cells in rounds + [det.cells_of("mixed")] for cell in cells]
+    for task in ("scenes", "digits-mixed"):
+        assert _seeds(heldout, task) and not _seeds(heldout, task) & _seeds(seen, task), task
+    specs = [s for _, s in heldout]
+    assert len(specs) == 11 and not {s.name for s in specs} & {s.name for _, s in seen}
+    assert {(s.task, s.seed) for s in specs} == {(s.task, s.seed) for s in specs if s.rate == 0}
+
+
 @pytest.mark.parametrize("embedding, target, prompts", [(0, "phrase", 0), (32, "phrase", 0), (32, "existing", 0),
                                                       (0, "phrase", 40), (32, "existing", 40)])  # fmt: skip
 def test_bench_detect_data_is_found_by_the_default(embedding, target, prompts):
