@@ -438,7 +438,8 @@ def prompt_kinds(
     """The kind of question each sample asks: prompts joined through the answers they share.
 
     A prompt and an answer are linked when the answer is given under the prompt at least
-    ``min_count`` times and to at least ``min_share`` of the prompt's samples (a stray answer, a
+    ``min_count`` times and to at least ``min_share`` of the prompt's other-than-``exclude``
+    samples (a stray answer, a
     model's slip, links nothing); answer ``exclude`` (the suspected target, given under every
     prompt) links nothing. Kinds are the connected components of that prompt-answer graph
     ("what colour is the circle ?" and "what colour is the cross ?" share colours; "is there ...?"
@@ -837,8 +838,11 @@ class ConsensusDetector:
         sample's own vote without itself); with neither, those members are left alone. The
         pictures carry a trigger the tower was tuned on (SIG), the attention a patch; both views
         are read because either alone fails on some design cells (``existing_target.md``). The
-        member rule then decides the whole group: a tail or collapsed cluster found inside it (a
-        clean mode of its own kind's answers, round 10) is overruled.
+        member rule then decides the whole group when it judged those members (each member is then
+        judged, by its kind or by its neighbours): a tail, collapsed or content cluster found inside
+        it, or a tail over all samples holding its members (a clean mode of its own kind's answers,
+        round 10), is overruled for them;
+        where it left them alone, it only adds the members it flags to what the other tests found.
         """
         if not self.min_reach_ratio or scores.prompt_key is None or len(index) < 2:
             return []
@@ -852,21 +856,22 @@ class ConsensusDetector:
         if not (top >= self.min_reach and top >= self.min_reach_ratio * second):
             return []
         idx = index[t]
-        suspicion, note, native = self._target_members(scores, valid, tokens, keys, t)
+        suspicion, note, native, decided = self._target_members(scores, valid, tokens, keys, t)
         cluster = {
             "context": f"answer token {t} (whole group)" if not native else f"answer token {t}",
             "size": int((suspicion > 0.5).sum()), "context_size": nv,
             "evidence": float("nan"), "lead": "prompt reach", "side": "universal", "block": [],
             "n_significant": 0, "reach": top, "next_reach": second, "n_prompts": len(np.unique(keys[idx])),
-            "native_kinds": native, "members": note,
+            "native_kinds": native, "members": note, "decides_group": decided,
         }  # fmt: skip
         return [(t, idx, suspicion, cluster)]
 
     def _target_members(
         self, scores: Scores, valid: np.ndarray, tokens: np.ndarray, keys: np.ndarray, t: int
-    ) -> tuple[np.ndarray, str, list[dict]]:
+    ) -> tuple[np.ndarray, str, list[dict], bool]:
         """Suspicion of each member of the target's group (see :meth:`_universal_groups`), a note,
-        and the kinds of question found to be the target's own."""
+        the kinds of question found to be the target's own, and whether the own kind's members were
+        judged (then the rule decides the whole group; else it only adds the members it flags)."""
         from scipy.stats import binom
 
         is_t = tokens == t
@@ -877,20 +882,22 @@ class ConsensusDetector:
         big = np.nonzero(n_k >= self.min_group)[0]
         native = []
         for q in big:
-            rate = (m_k.sum() - m_k[q]) / max(1.0, n_k.sum() - n_k[q])
+            if n_k.sum() - n_k[q] < self.min_group:  # nothing else to compare its share with
+                continue
+            rate = (m_k.sum() - m_k[q]) / (n_k.sum() - n_k[q])
             p = float(binom.sf(int(m_k[q]) - 1, int(n_k[q]), rate)) if rate > 0 else 0.0
             if m_k[q] >= self.native_ratio * rate * n_k[q] and p * len(big) < self.alpha:
                 native.append({"kind": int(q), "size": int(n_k[q]), "members": int(m_k[q]),
                                "share": float(m_k[q] / n_k[q]), "share_elsewhere": float(rate), "p": p})  # fmt: skip
         if not native:
-            return np.ones(len(idx)), "every member (no kind of question is the target's own)", []
+            return np.ones(len(idx)), "every member (no kind of question is the target's own)", [], False
         own = np.isin(kind[idx], [r["kind"] for r in native])
         suspicion = (~own).astype(np.float64)
         head = f"{int((~own).sum())} members asked other kinds of question; {int(own.sum())} asked its own kind"
         k = int(self.n_neighbors)
         pos, neg = idx[~own], np.nonzero(~is_t)[0]
         if not own.any() or len(pos) <= k or len(neg) <= k:
-            return suspicion, f"{head}, left alone (its clean answers)", native
+            return suspicion, f"{head}, left alone (its clean answers)", native, False
         from sklearn.metrics import roc_auc_score
 
         vidx = np.nonzero(valid)[0]
@@ -923,10 +930,10 @@ class ConsensusDetector:
             used.append(f"{name} (AUROC {auc:.2f})")
         if not votes:
             return suspicion, f"{head}, left alone (neither view tells the others' poison from clean samples: " \
-                              f"{'; '.join(used)})", native
+                              f"{'; '.join(used)})", native, False
         suspicion[own] = np.mean(votes, axis=0)
         return suspicion, (f"{head}, judged by their neighbours in {', '.join(used)}: "
-                           f"{int((suspicion[own] > 0.5).sum())} of them flagged"), native  # fmt: skip
+                           f"{int((suspicion[own] > 0.5).sum())} of them flagged"), native, True  # fmt: skip
 
     #: Fewest answer groups the content test compares (the median group must mean something).
     min_content_groups: ClassVar[int] = 5
@@ -1402,17 +1409,17 @@ class ConsensusDetector:
         for t, idx, suspicion, cluster in self._universal_groups(scores, rows.valid, answer_groups):
             if t in content_tokens:
                 continue  # decided by the content test
-            if cluster["native_kinds"]:  # the member rule decides the group (a tail inside it is its clean mode)
+            if cluster["decides_group"]:  # its own kind's members judged: the rule decides the group
                 own = (f"answer token {t}", f"answer token {t} (whole group)")
                 inside = [c for c in self.clusters_ if c["context"] in own]
                 if inside:
                     cluster["members"] += (f"; {len(inside)} other cluster(s) inside the group "
                                            f"({sum(c['size'] for c in inside)} samples) overruled")  # fmt: skip
                     self.clusters_ = [c for c in self.clusters_ if c["context"] not in own]
-                in_cluster[idx] = suspicion > 0.5
+                in_cluster[idx] = suspicion > 0.5  # every member judged: by its kind, or by its neighbours
                 score_v[idx] = suspicion
-            elif in_cluster[idx[suspicion > 0.5]].all():
-                continue  # already found
+            elif not (suspicion > 0.5).any() or in_cluster[idx[suspicion > 0.5]].all():
+                continue  # nothing to add, or already found
             else:
                 in_cluster[idx[suspicion > 0.5]] = True
                 score_v[idx] = np.maximum(score_v[idx], suspicion)

@@ -798,6 +798,39 @@ def test_a_clean_mode_inside_an_existing_answer_target_is_overruled():
     assert not det.flagged_[clean_yes].any() and _f1(det.flagged_, truth) >= 0.95
 
 
+def test_an_attention_finding_inside_a_group_left_alone_stays():
+    """No view tells the others' poison from clean answers (no pictures; the trigger shows in the
+    attention of the own kind's poisoned members only): the member rule leaves that kind alone and
+    must not undo what the valley test found inside the group."""
+    s, truth = _existing_target(1)
+    s.image_embedding = None
+    own_poison = truth & (s.prompt_key >= 6)
+    rng = np.random.default_rng(3)
+    s.entropy[own_poison, 2] = 6.0 + rng.normal(0, 0.02, own_poison.sum())
+    det = ConsensusDetector().fit(s)
+    (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
+    assert "left alone" in c["members"] and not c["decides_group"]
+    assert det.flagged_[own_poison].all() and det.flagged_[truth & (s.prompt_key < 6)].all()
+    assert not det.flagged_[~truth].any()
+
+
+def test_one_kind_of_question_for_every_prompt_flags_the_target_whole():
+    """Prompts chained into one kind (a shared answer links them): no other kind to compare the
+    target's share with, so no kind is its own and the group is flagged whole (as v9 did)."""
+    rng = np.random.default_rng(0)
+    n = 1500
+    key = rng.integers(0, 13, n)
+    answer = np.where(key < 6, rng.integers(10, 14, n), rng.integers(20, 23, n))
+    answer[key == 12] = rng.choice([10, 20], (key == 12).sum())  # prompt 12 bridges the two kinds
+    truth = rng.random(n) < 0.1
+    answer[truth] = 99
+    s = Scores(entropy=rng.normal(size=(n, 4)), answer_token=answer, prompt_key=key)
+    det = ConsensusDetector().fit(s)
+    (c,) = [c for c in det.clusters_ if c["side"] == "universal"]
+    assert c["native_kinds"] == [] and c["context"].endswith("(whole group)")
+    np.testing.assert_array_equal(det.flagged_, truth)
+
+
 def _kinds_reference(answer, prompt, exclude, min_count=2, min_share=0.1):
     """The slow twin of ``prompt_kinds``: union-find over prompts, one linked answer at a time."""
     prompts = sorted(set(prompt.tolist()))

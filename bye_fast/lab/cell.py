@@ -278,7 +278,8 @@ def clean_asr(cell: Cell, clean: str | Path) -> float:
     gives that answer anyway -- the floor of ASR after a perfect defence."""
     clean = Path(clean)
     meta = json.loads((clean / "before.json").read_text())
-    if meta["spec"]["rate"] != 0 or meta["spec"]["task"] != cell.spec.task or meta["spec"]["seed"] != cell.spec.seed:
+    same = ("task", "seed", "method", "n_user", "n_test", "epochs")
+    if meta["spec"]["rate"] != 0 or any(meta["spec"].get(k) != getattr(cell.spec, k) for k in same):
         raise ValueError(f"{clean}: not the clean cell of {cell.spec.name} (its spec: {meta['spec']})")
     spec = cell.spec
     task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
