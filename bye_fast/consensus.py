@@ -948,19 +948,27 @@ class ConsensusDetector:
         self, g: np.ndarray, ref: np.ndarray, keys: np.ndarray | None, k: int
     ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
         """``(positions in g, reference pool, pool is their own question's)`` triples: a member's
-        neighbours are searched among the reference samples that ask the same question
-        (``Scores.prompt_key``), when there are at least ``question_pool * k`` of them, else among
-        the whole reference. The same picture may rightly get "even" or "three" depending on the
-        question; only the answers to the same question say what the picture should get."""
+        neighbours are searched among the samples that ask the same question
+        (``Scores.prompt_key``; every such sample, or a seeded random :attr:`knn_reference` of
+        them), when at least ``question_pool * k`` samples ask it; the members of rarer questions
+        come last, with the common reference ``ref`` (their caller does not judge them when there
+        are prompt keys). The same picture may rightly get "even" or "three" depending on the
+        question; only the answers to the same question say what the picture should get. Counting
+        every sample (not ``ref``'s), a question is judged by how many samples ask it, whatever n."""
         if keys is None:
             return [(np.arange(len(g)), ref, False)]
+        order = np.argsort(keys, kind="stable")  # each question's samples: one slice, in index order
+        sorted_keys = keys[order]
+        rng = np.random.default_rng(2)
         out, rest = [], []
-        ref_keys = keys[ref]
         member_keys = keys[g]
         for q in np.unique(member_keys):
             rows = np.nonzero(member_keys == q)[0]
-            pool = ref[ref_keys == q]
+            lo, hi = np.searchsorted(sorted_keys, q, "left"), np.searchsorted(sorted_keys, q, "right")
+            pool = order[lo:hi]
             if len(pool) >= max(self.question_pool * k, k + 1):
+                if len(pool) > self.knn_reference:
+                    pool = np.sort(rng.choice(pool, self.knn_reference, replace=False))
                 out.append((rows, pool, True))
             else:
                 rest.append(rows)

@@ -441,6 +441,20 @@ def test_a_question_too_rare_for_its_own_neighbours_is_not_judged():
     assert g["n_judged"] == g["size"] - 5
 
 
+def test_a_question_is_judged_by_how_many_samples_ask_it_not_by_the_reference(monkeypatch):
+    """Beyond ``knn_reference`` samples the common reference is a random subset; a question asked by
+    enough samples must still be judged among its own samples (the subset holds too few of each of
+    many questions). Here 20 questions of ~150 samples each and a reference of 500 (~25 a question)."""
+    s, truth = _content_groups(0, per_class=240, n_poison=240)
+    key = np.random.default_rng(1).integers(0, 20, s.n_samples)
+    s = Scores(**{**s.__dict__, "prompt_key": key})
+    monkeypatch.setattr(ConsensusDetector, "knn_reference", 500)
+    det = bye_fast.detect(s)
+    (g,) = [g for g in det.details["content_groups"] if g["answer_token"] == 99]
+    assert g["own_question_share"] == 1.0 and g["n_judged"] == g["size"]
+    assert _f1(det.flagged, truth) >= 0.9, det.reason
+
+
 def test_answers_to_questions_too_varied_to_share_a_key_are_not_judged():
     """Round 9's miss, in small: half the samples ask one of 150 fine-grained questions ("is there a
     red circle ?") whose answer depends on the question as much as on the picture. Those answer groups
