@@ -136,6 +136,13 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                 CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
                 CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))  # fmt: skip
 
+    def lora_scenes(seeds, cells):
+        """Scene cells fine-tuned with ``lora-vision`` (rounds 8-12): per seed, each ``(trigger, rate)`` or
+        ``(trigger, rate, target)`` of ``cells`` (target: the fixed phrase unless given)."""
+        return [CellSpec(task="scenes", trigger=c[0], rate=c[1], seed=seed, target=(c[2:] or ("phrase",))[0],
+                         method="lora-vision")
+                for seed in seeds for c in cells]  # fmt: skip
+
     def every_family(name, ten, mixed, scenes, parity):
         """Rounds 5-7: digits-ten and digits-mixed (clean, 20% phrase, 10% existing; two patches on
         digits-ten), and the clean scenes and digits-parity sets, of the given seeds."""
@@ -151,18 +158,14 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
     }
     if which in ("design12", "heldout12", "all12"):  # round 12: v11 again on new seeds
         design = [("design12", spec) for _, spec in cells_of("all11")]
-        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
-                       for seed in ROUND12_SCENE_SEEDS
-                       for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.2, "existing"),
-                                                     ("sig", 0.1, "existing"), ("sig", 0.1, "phrase"))]  # fmt: skip
+        scene_cells = lora_scenes(ROUND12_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2, "existing"),
+                                                        ("sig", 0.1, "existing"), ("sig", 0.1)))
         heldout = [("heldout12", spec) for spec in scene_cells + [s for seed in ROUND12_MIXED_SEEDS for s in mixed_seed(seed)]]
         return {"design12": design, "heldout12": heldout, "all12": design + heldout}[which]
     if which in ("design11", "heldout11", "all11"):  # round 11: existing-answer targets, new seeds
         design = [("design11", spec) for _, spec in cells_of("all10")]
-        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
-                       for seed in ROUND11_SCENE_SEEDS
-                       for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.2, "existing"),
-                                                     ("sig", 0.1, "existing"), ("patch", 0.2, "phrase"))]  # fmt: skip
+        scene_cells = lora_scenes(ROUND11_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2, "existing"),
+                                                        ("sig", 0.1, "existing"), ("patch", 0.2)))
         ten_cells = [CellSpec(task="digits-ten", trigger=trigger, rate=rate, seed=seed, target=target)
                      for seed in ROUND11_SEEDS
                      for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.1, "existing"))]  # fmt: skip
@@ -170,10 +173,8 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         return {"design11": design, "heldout11": heldout, "all11": design + heldout}[which]
     if which in ("design10", "heldout10", "all10"):  # round 10: every family, new seeds
         design = [("design10", spec) for _, spec in cells_of("all9")]
-        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, target=target, method="lora-vision")
-                       for seed in ROUND10_SCENE_SEEDS
-                       for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.2, "phrase"),
-                                                     ("sig", 0.1, "phrase"), ("patch", 0.2, "existing"))]  # fmt: skip
+        scene_cells = lora_scenes(ROUND10_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2), ("sig", 0.1),
+                                                        ("patch", 0.2, "existing")))
         parity_cells = [spec for seed in ROUND10_PARITY_SEEDS for spec in (
             CellSpec(task="digits-parity", rate=0.0, seed=seed),
             CellSpec(task="digits-parity", trigger="two_patches", rate=0.2, seed=seed))]  # fmt: skip
@@ -184,8 +185,7 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
     if which in ("design9", "heldout9", "all9"):  # round 9: the two families with many prompts, new seeds
         design = [("design9", spec) for _, spec in cells_of("all8")]
         heldout = [("heldout9", spec) for spec in (
-            [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, method="lora-vision")
-             for seed in ROUND9_SCENE_SEEDS for trigger, rate in (("patch", 0.0), ("patch", 0.2), ("sig", 0.1))]
+            lora_scenes(ROUND9_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2), ("sig", 0.1)))
             + [spec for seed in ROUND9_MIXED_SEEDS for spec in mixed_seed(seed)])]  # fmt: skip
         return {"design9": design, "heldout9": heldout, "all9": design + heldout}[which]
     if which in ("design8", "heldout8", "all8"):  # round 8: poisoned binary and scene cells held out too
@@ -194,9 +194,7 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         parity_cells = [spec for seed in ROUND8_PARITY_SEEDS for spec in (
             CellSpec(task="digits-parity", rate=0.0, seed=seed),
             CellSpec(task="digits-parity", trigger="two_patches", rate=0.1, seed=seed))]  # fmt: skip
-        scene_cells = [CellSpec(task="scenes", trigger=trigger, rate=rate, seed=seed, method="lora-vision")
-                       for seed in ROUND8_SCENE_SEEDS
-                       for trigger, rate in (("patch", 0.0), ("patch", 0.1), ("patch", 0.2), ("sig", 0.1))]  # fmt: skip
+        scene_cells = lora_scenes(ROUND8_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.1), ("patch", 0.2), ("sig", 0.1)))
         heldout = family("digits-ten", ROUND8_SEEDS, "heldout8", ("patch", "two_patches"), (0.2,)) + [
             ("heldout8", spec) for spec in mixed_cells + parity_cells + scene_cells]
         return {"design8": design, "heldout8": heldout, "all8": design + heldout}[which]
