@@ -158,46 +158,35 @@ def test_round_nine_holds_out_new_scene_and_mixed_seeds():
     assert {s.method for s in specs if s.task == "scenes"} == {"lora-vision"}
 
 
-def test_round_ten_holds_out_new_seeds_of_every_family():
-    det = _detection()
-    design, heldout = det.cells_of("design10"), det.cells_of("heldout10")
-    earlier = det.cells_of("all9")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in earlier}
-    rounds = [det.cells_of(f"all{r}") for r in ("", "2", "3", "4", "5", "6", "7", "8", "9")] + [det.cells_of("mixed")]
+def _check_later_round(det, rnd: int, tasks: tuple[str, ...], n: int) -> list:
+    """Rounds 10-12: the design set is every earlier cell; the held-out cells of ``tasks`` use seeds no
+    earlier round used, ``n`` cells none of which any round named before. Returns the held-out specs."""
+    design, heldout = det.cells_of(f"design{rnd}"), det.cells_of(f"heldout{rnd}")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of(f"all{rnd - 1}")}
+    rounds = [det.cells_of(f"all{r}") for r in ("", *map(str, range(2, rnd)))] + [det.cells_of("mixed")]
     seen = [cell for cells in rounds for cell in cells]
-    for task in ("scenes", "digits-mixed", "digits-ten", "digits-parity"):
+    for task in tasks:
         assert _seeds(heldout, task) and not _seeds(heldout, task) & _seeds(seen, task), task
     specs = [s for _, s in heldout]
-    assert len(specs) == 17 and not {s.name for s in specs} & {s.name for _, s in seen}
+    assert len(specs) == n and not {s.name for s in specs} & {s.name for _, s in seen}
+    return specs
+
+
+def test_round_ten_holds_out_new_seeds_of_every_family():
+    specs = _check_later_round(_detection(), 10, ("scenes", "digits-mixed", "digits-ten", "digits-parity"), 17)
     assert {(s.task, s.seed, s.method) for s in specs} == {(s.task, s.seed, s.method) for s in specs if s.rate == 0}
     assert {s.method for s in specs if s.task == "scenes"} == {"lora-vision"}
     assert {s.target for s in specs if s.task == "scenes" and s.rate > 0} == {"phrase", "existing"}
 
 
 def test_round_eleven_holds_out_existing_answer_targets_on_new_seeds():
-    det = _detection()
-    design, heldout = det.cells_of("design11"), det.cells_of("heldout11")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all10")}
-    rounds = [det.cells_of(f"all{r}") for r in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10")] + [det.cells_of("mixed")]
-    seen = [cell for cells in rounds for cell in cells]
-    for task in ("scenes", "digits-ten"):
-        assert _seeds(heldout, task) and not _seeds(heldout, task) & _seeds(seen, task), task
-    specs = [s for _, s in heldout]
-    assert len(specs) == 10 and not {s.name for s in specs} & {s.name for _, s in seen}
+    specs = _check_later_round(_detection(), 11, ("scenes", "digits-ten"), 10)
     assert {(s.task, s.seed) for s in specs} == {(s.task, s.seed) for s in specs if s.rate == 0}
     assert sum(s.target == "existing" for s in specs if s.task == "scenes") == 4
 
 
 def test_round_twelve_holds_out_new_seeds_for_v11():
-    det = _detection()
-    design, heldout = det.cells_of("design12"), det.cells_of("heldout12")
-    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all11")}
-    rounds = [det.cells_of(f"all{r}") for r in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")]
-    seen = [cell for cells in rounds + [det.cells_of("mixed")] for cell in cells]
-    for task in ("scenes", "digits-mixed"):
-        assert _seeds(heldout, task) and not _seeds(heldout, task) & _seeds(seen, task), task
-    specs = [s for _, s in heldout]
-    assert len(specs) == 11 and not {s.name for s in specs} & {s.name for _, s in seen}
+    specs = _check_later_round(_detection(), 12, ("scenes", "digits-mixed"), 11)
     assert {(s.task, s.seed) for s in specs} == {(s.task, s.seed) for s in specs if s.rate == 0}
 
 
