@@ -944,8 +944,17 @@ class ConsensusDetector:
     #: among them alone (fewer: among every question), in multiples of ``n_neighbors``.
     question_pool: ClassVar[int] = 3
 
+    @staticmethod
+    def _by_question(keys: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(keys, order, keys[order])``: each question's samples as one slice of a stable sort (in
+        index order), built once per fit for :meth:`_question_pools`; None without prompt keys."""
+        if keys is None:
+            return None
+        order = np.argsort(keys, kind="stable")
+        return keys, order, keys[order]
+
     def _question_pools(
-        self, g: np.ndarray, ref: np.ndarray, keys: np.ndarray | None, k: int
+        self, g: np.ndarray, ref: np.ndarray, questions: tuple | None, k: int
     ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
         """``(positions in g, reference pool, pool is their own question's)`` triples: a member's
         neighbours are searched among the samples that ask the same question
@@ -955,10 +964,9 @@ class ConsensusDetector:
         are prompt keys). The same picture may rightly get "even" or "three" depending on the
         question; only the answers to the same question say what the picture should get. Counting
         every sample (not ``ref``'s), a question is judged by how many samples ask it, whatever n."""
-        if keys is None:
+        if questions is None:
             return [(np.arange(len(g)), ref, False)]
-        order = np.argsort(keys, kind="stable")  # each question's samples: one slice, in index order
-        sorted_keys = keys[order]
+        keys, order, sorted_keys = questions
         rng = np.random.default_rng(2)
         out, rest = [], []
         member_keys = keys[g]
@@ -981,7 +989,7 @@ class ConsensusDetector:
 
     def _background_rate(
         self, emb, vidx: np.ndarray, index: dict[int, np.ndarray], tested: list, ref: np.ndarray,
-        keys: np.ndarray | None, k: int,
+        questions: tuple | None, k: int,
     ) -> float | None:
         """Share of the members of the groups NOT tested (answers that follow the image) whose
         neighbours mostly give another answer: how often the image embedding alone misleads the
@@ -999,8 +1007,8 @@ class ConsensusDetector:
         rng = np.random.default_rng(1)
         pool = np.sort(rng.choice(pool, self.background_rows, replace=False)) if len(pool) > self.background_rows else pool
         misled = np.full(len(pool), np.nan)
-        for rows, refs, same in self._question_pools(pool, ref, keys, k):
-            if keys is not None and not same:
+        for rows, refs, same in self._question_pools(pool, ref, questions, k):
+            if questions is not None and not same:
                 continue  # not judged: too few samples ask its question
             near = nearest_neighbours(emb, vidx[pool[rows]], vidx[refs], k)
             misled[rows] = (owner[refs[near]] == owner[pool[rows]][:, None]).mean(axis=1) < 0.5
@@ -1098,7 +1106,8 @@ class ConsensusDetector:
         keys = None if scores.prompt_key is None else np.asarray(scores.prompt_key)[vidx]
         if keys is None:
             self.content_note_ = "no Scores.prompt_key (scored before it existed): neighbours among every question"
-        background = self._background_rate(emb, vidx, index, tested, ref, keys, k) if tested and k >= 1 else None
+        questions = self._by_question(keys)
+        background = self._background_rate(emb, vidx, index, tested, ref, questions, k) if tested and k >= 1 else None
         for t in tested if k >= 1 else []:
             g = index[t]
             in_group = np.zeros(nv, bool)
@@ -1106,7 +1115,7 @@ class ConsensusDetector:
             outside = np.zeros(len(g))
             own = 0  # members judged among the samples that ask their own question
             record = records[t]
-            for rows, pool, same in self._question_pools(g, ref, keys, k):
+            for rows, pool, same in self._question_pools(g, ref, questions, k):
                 if keys is not None and not same:
                     continue  # not judged: among every question a question-bound answer looks foreign
                 near = nearest_neighbours(emb, vidx[g[rows]], vidx[pool], k)
