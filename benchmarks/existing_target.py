@@ -39,7 +39,7 @@ def one(folder: Path, spec, options: dict) -> dict | None:
     import bye_fast
     from bye_fast.lab.metrics import detection_metrics
     from bye_fast.lab.models import lab_processor
-    from bye_fast.lab.tasks import TARGET
+    from bye_fast.lab.tasks import TARGET, record_question
 
     if not (folder / "scores.npz").exists():
         return None
@@ -48,7 +48,7 @@ def one(folder: Path, spec, options: dict) -> dict | None:
     records = json.loads((folder / "data" / "train.json").read_text())
     phrase = lab_processor().tokenizer.convert_tokens_to_ids(TARGET.split()[0])
     answer = np.asarray(s.answer_token).copy()
-    exists = np.array([r["conversations"][0]["value"].split("\n")[-1].startswith("is there") for r in records])
+    exists = np.array([record_question(r).startswith("is there") for r in records])
     values, counts = np.unique(answer[exists & (answer != phrase)], return_counts=True)
     target = int(values[counts.argmax()])
     answer[answer == phrase] = target
