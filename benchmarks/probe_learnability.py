@@ -91,6 +91,16 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
+def _notes(md: Path) -> list[str]:
+    """The hand-written sections of an earlier table (from its first ``## `` heading on): a new row
+    must not erase what the earlier rows were found to mean."""
+    if not md.exists():
+        return []
+    lines = md.read_text().splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    return ["", *lines[first:]] if first < len(lines) else []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="scenes")
@@ -113,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(csv.DictReader(open(csv_path))) if csv_path.exists() else []
     rows.append(row)
     write_csv(csv_path, rows, COLUMNS)
+    md = args.out.with_suffix(".md")
     lines = ["# Learnability probes: one cell, settings changed, fit vs. carry-over", "",
              f"Last run on: {describe()}. Command per row: `python benchmarks/probe_learnability.py --task T "
              "--trigger G --seed S --set KEY=VALUE ...`. Train fit: share of the poisoned training samples "
              "answered with the target; ASR: the same on triggered held-out images.", "",
-             markdown_table(rows, COLUMNS)]  # fmt: skip
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+             markdown_table(rows, COLUMNS), *_notes(md)]  # fmt: skip
+    md.write_text("\n".join(lines) + "\n")
     return 0
 
 
