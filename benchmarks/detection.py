@@ -102,6 +102,11 @@ ROUND11_SEEDS = (31,)
 #: Round 12 (v11 again, no design change): more held-out seeds for the existing-answer targets.
 ROUND12_SCENE_SEEDS = (30, 31)
 ROUND12_MIXED_SEEDS = (18,)
+#: Round 13 (v11 again): trigger families no round held out on a scene cell (two patches, blended, random
+#: position, WaNet), on new scene seeds (lora-vision).
+ROUND13_SCENE_SEEDS = (32, 33)
+ROUND13_SCENE_CELLS = (("patch", 0.0), ("two_patches", 0.2), ("blended", 0.2), ("random_patch", 0.2), ("wanet", 0.2),
+                       ("two_patches", 0.2, "existing"))
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "asr_clean", "ca_after",
@@ -156,6 +161,10 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
+    if which in ("design13", "heldout13", "all13"):  # round 13: v11 again, trigger families never held out
+        design = [("design13", spec) for _, spec in cells_of("all12")]
+        heldout = [("heldout13", spec) for spec in lora_scenes(ROUND13_SCENE_SEEDS, ROUND13_SCENE_CELLS)]
+        return {"design13": design, "heldout13": heldout, "all13": design + heldout}[which]
     if which in ("design12", "heldout12", "all12"):  # round 12: v11 again on new seeds
         design = [("design12", spec) for _, spec in cells_of("all11")]
         scene_cells = lora_scenes(ROUND12_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2, "existing"),
@@ -299,9 +308,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 11 or 12 (design12, heldout12, all12); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 12 or 13 (design13, heldout13, all13); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -405,7 +414,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout12", "Round 12, held-out cells (v11 again; scenes seeds 30-31 fine-tuned with lora-vision, "
+    for set_name, title in (("heldout13", "Round 13, held-out cells (v11 again; scenes seeds 32-33 fine-tuned with lora-vision, "
+                                           "clean, two patches, blended, random-position patch and WaNet at 20% with the "
+                                           "phrase, two patches at 20% with \"yes\")"),
+                            ("design13", "Round 13, design cells (every cell of rounds 1-12)"),
+                            ("heldout12", "Round 12, held-out cells (v11 again; scenes seeds 30-31 fine-tuned with lora-vision, "
                                            "clean, centre patch 20% and SIG 10% with \"yes\", SIG 10% with the phrase; "
                                            "digits-mixed seed 18)"),
                             ("design12", "Round 12, design cells (every cell of rounds 1-11)"),

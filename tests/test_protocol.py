@@ -159,7 +159,7 @@ def test_round_nine_holds_out_new_scene_and_mixed_seeds():
 
 
 def _check_later_round(det, rnd: int, tasks: tuple[str, ...], n: int) -> list:
-    """Rounds 10-12: the design set is every earlier cell; the held-out cells of ``tasks`` use seeds no
+    """Rounds 10-13: the design set is every earlier cell; the held-out cells of ``tasks`` use seeds no
     earlier round used, ``n`` cells none of which any round named before. Returns the held-out specs."""
     design, heldout = det.cells_of(f"design{rnd}"), det.cells_of(f"heldout{rnd}")
     assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of(f"all{rnd - 1}")}
@@ -188,6 +188,15 @@ def test_round_eleven_holds_out_existing_answer_targets_on_new_seeds():
 def test_round_twelve_holds_out_new_seeds_for_v11():
     specs = _check_later_round(_detection(), 12, ("scenes", "digits-mixed"), 11)
     assert {(s.task, s.seed) for s in specs} == {(s.task, s.seed) for s in specs if s.rate == 0}
+
+
+def test_round13_holds_out_scene_trigger_families_no_round_held_out():
+    det = _detection()
+    specs = _check_later_round(det, 13, ("scenes",), 12)
+    assert {(s.task, s.seed) for s in specs} == {(s.task, s.seed) for s in specs if s.rate == 0}
+    earlier = {s.trigger for n in range(8, 13) for _, s in det.cells_of(f"heldout{n}") if s.task == "scenes" and s.rate > 0}
+    new = {s.trigger for s in specs if s.rate > 0}
+    assert new == {"two_patches", "blended", "random_patch", "wanet"} and not new & earlier
 
 
 @pytest.mark.parametrize("embedding, target, prompts", [(0, "phrase", 0), (32, "phrase", 0), (32, "existing", 0),
