@@ -410,6 +410,44 @@ def nearest_neighbours_reference(x: np.ndarray, rows: np.ndarray, ref: np.ndarra
     return np.argsort(d, axis=1, kind="stable")[:, :k]
 
 
+def principal_projection(
+    x: np.ndarray, ref: np.ndarray, dims: int, chunk: int = 65_536
+) -> tuple[np.ndarray, float]:
+    """Every row of ``x`` in the top ``dims`` principal directions of its rows ``ref`` (centred at
+    their mean), float32, and the share of the reference rows' variance those directions keep.
+
+    Where the neighbour votes read a wide view (a 1,024-dim image embedding, or a real model's
+    thousands of per-head attention features), the brute-force search costs ``dims`` times less
+    in the projection: class structure lives in the leading directions, the dropped ones are
+    mostly noise that every distance shares. The covariance is float64 (``len(ref) x D``, at most
+    :attr:`ConsensusDetector.knn_reference` rows); the projection is applied ``chunk`` rows at a
+    time in float32. Directions are those of ``numpy.linalg.eigh``; the float64 twin is
+    :func:`principal_projection_reference` (the same subspace from an SVD)."""
+    xr = np.asarray(x[ref], dtype=np.float64)
+    centre = xr.mean(axis=0)
+    xr -= centre
+    w, v = np.linalg.eigh(xr.T @ xr)  # ascending
+    del xr
+    top = np.ascontiguousarray(v[:, ::-1][:, :dims], dtype=np.float32)
+    total = float(w.sum())
+    kept = float(w[::-1][:dims].sum() / total) if total > 0 else 1.0
+    c32 = centre.astype(np.float32)
+    out = np.empty((len(x), top.shape[1]), dtype=np.float32)
+    for s0 in range(0, len(x), chunk):
+        out[s0 : s0 + chunk] = (np.asarray(x[s0 : s0 + chunk], dtype=np.float32) - c32) @ top
+    return out, kept
+
+
+def principal_projection_reference(x: np.ndarray, ref: np.ndarray, dims: int) -> tuple[np.ndarray, float]:
+    """The slow twin of :func:`principal_projection`: float64 throughout, directions from the SVD of
+    the centred reference rows (signs may differ; distances do not)."""
+    x = np.asarray(x, dtype=np.float64)
+    centre = x[ref].mean(axis=0)
+    _, sv, vt = np.linalg.svd(x[ref] - centre, full_matrices=False)
+    var = sv**2
+    return (x - centre) @ vt[:dims].T, float(var[:dims].sum() / var.sum()) if var.sum() > 0 else 1.0
+
+
 def _cap_rows(parts: list[np.ndarray], cap: int, rng: np.random.Generator) -> np.ndarray:
     """The rows of each class (``parts``), at most ``cap`` of each drawn at random, sorted."""
     return np.sort(np.concatenate([rng.choice(p, cap, replace=False) if len(p) > cap else p for p in parts]))
@@ -921,13 +959,14 @@ class ConsensusDetector:
         at_own = len(ref) + np.arange(int(own.sum()))
         votes, used = [], []
         for name, view in views:  # a member whose neighbours are mostly the others' poison is poison
+            view, space = self._knn_view(view, at_ref, name)
             near = nearest_neighbours(view, at_probe, at_ref, k)
             auc = float(roc_auc_score(is_pos[at_probe], is_pos[near].mean(axis=1)))
             if auc < self.content_refine_auc:
                 used.append(f"{name} not used (AUROC {auc:.2f} < {self.content_refine_auc:g})")
                 continue
             votes.append(is_pos[nearest_neighbours(view, at_own, at_ref, k)].mean(axis=1))
-            used.append(f"{name} (AUROC {auc:.2f})")
+            used.append(f"{name} (AUROC {auc:.2f}{'; ' + space if space else ''})")
         if not votes:
             return suspicion, f"{head}, left alone (neither view tells the others' poison from clean samples: " \
                               f"{'; '.join(used)})", native, False
@@ -943,6 +982,21 @@ class ConsensusDetector:
     #: Fewest reference samples asking a member's own question for its neighbours to be searched
     #: among them alone (fewer: among every question), in multiples of ``n_neighbors``.
     question_pool: ClassVar[int] = 3
+
+    #: Widest view the neighbour votes search whole; a wider one (a real model's image embedding, its
+    #: thousands of per-head attention features) is searched in its top ``knn_dims`` principal
+    #: directions (:func:`principal_projection`; brute force costs ``D`` per distance). The lab's views
+    #: (a 64-dim embedding, 84 attention features) are searched whole.
+    knn_dims: ClassVar[int] = 128
+
+    def _knn_view(self, x: np.ndarray, ref: np.ndarray, name: str) -> tuple[np.ndarray, str]:
+        """``x`` as the neighbour votes search it (itself, or its principal projection when wider
+        than :attr:`knn_dims`, fitted on the rows ``ref``) and a note saying so ("" when whole)."""
+        if x.shape[1] <= self.knn_dims:
+            return x, ""
+        with np.errstate(invalid="ignore", over="ignore"):  # rows of unusable samples are never read
+            proj, kept = principal_projection(x, ref, self.knn_dims)
+        return proj, f"{name} in its top {self.knn_dims} of {x.shape[1]} principal directions ({kept:.0%} of the variance)"
 
     @staticmethod
     def _by_question(keys: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -1107,7 +1161,8 @@ class ConsensusDetector:
         if keys is None:
             self.content_note_ = "no Scores.prompt_key (scored before it existed): neighbours among every question"
         questions = self._by_question(keys)
-        background = self._background_rate(emb, vidx, index, tested, ref, questions, k) if tested and k >= 1 else None
+        knn, space = self._knn_view(emb, vidx[ref], "image_embedding") if tested and k >= 1 else (emb, "")
+        background = self._background_rate(knn, vidx, index, tested, ref, questions, k) if tested and k >= 1 else None
         for t in tested if k >= 1 else []:
             g = index[t]
             in_group = np.zeros(nv, bool)
@@ -1118,7 +1173,7 @@ class ConsensusDetector:
             for rows, pool, same in self._question_pools(g, ref, questions, k):
                 if keys is not None and not same:
                     continue  # not judged: among every question a question-bound answer looks foreign
-                near = nearest_neighbours(emb, vidx[g[rows]], vidx[pool], k)
+                near = nearest_neighbours(knn, vidx[g[rows]], vidx[pool], k)
                 outside[rows] = 1.0 - in_group[pool[near]].mean(axis=1)
                 own += len(rows)
             judged = own if keys is not None else len(g)
@@ -1141,6 +1196,7 @@ class ConsensusDetector:
                 "context_size": len(g), "evidence": float("nan"), "lead": "image_embedding",
                 "side": "inconsistent", "spread": float(ratios[t]), "block": ["image_embedding"],
                 "n_significant": 1, "own_question_share": record["own_question_share"],
+                "neighbour_space": space or f"image_embedding ({emb.shape[1]} dims)",
             }))  # fmt: skip
         return out
 
@@ -1185,7 +1241,10 @@ class ConsensusDetector:
         cols = FeatureColumns(scores, tuple(self.refine_features))
         rows = np.nonzero(valid)[0][g]
         x = cols.gather(0, cols.n_features, rows).T.astype(np.float64)
-        x = x[:, np.isfinite(x).all(axis=0) & (x.std(axis=0) > 0)]
+        usable = np.concatenate([np.isfinite(b).all(axis=0) & (b.std(axis=0) > 0)  # 64 columns at a time:
+                                 for b in (x[:, j0 : j0 + 64] for j0 in range(0, x.shape[1], 64))])  # no full-size temporary
+        if not usable.all():  # (a copy of the group's rows only when a column must go)
+            x = x[:, usable]
         if not x.shape[1]:
             return None, "the vote stands (no usable attention feature)"
         folds = min(self.content_refine_folds, int(vote.sum()), n_rest)

@@ -13,6 +13,8 @@ from bye_fast.consensus import (
     FeatureColumns,
     nearest_neighbours,
     nearest_neighbours_reference,
+    principal_projection,
+    principal_projection_reference,
     size_grid,
     valley_scan,
     valley_scan_reference,
@@ -373,6 +375,42 @@ def test_nearest_neighbours_match_their_float64_twin(seed, dtype):
     assert fast.shape == slow.shape == (150, 7)
     np.testing.assert_array_equal(np.sort(fast, axis=1), np.sort(slow, axis=1))
     assert not (ref[fast] == rows[:, None]).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dims", [3, 12, 40])
+def test_principal_projection_matches_its_float64_twin(seed, dims):
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(200, 400)), 30
+    x = (rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, d) + 5.0).astype(np.float32)  # off-centre, uneven
+    ref = np.sort(rng.choice(n, n // 2, replace=False))
+    fast, kept = principal_projection(x, ref, dims, chunk=64)
+    slow, kept_slow = principal_projection_reference(x, ref, dims)
+    assert fast.dtype == np.float32 and fast.shape == slow.shape == (n, min(dims, d))
+    assert kept == pytest.approx(kept_slow, rel=1e-9) and (kept == pytest.approx(1.0)) == (dims >= d)
+    dist = lambda z: np.sqrt(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1))  # noqa: E731 (signs of directions differ)
+    np.testing.assert_allclose(dist(fast.astype(np.float64)), dist(slow), rtol=1e-4, atol=1e-4)
+    if dims >= d:  # every direction: a rotation, the distances of x itself
+        np.testing.assert_allclose(dist(slow), dist(x.astype(np.float64)), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wide_views_are_searched_in_their_principal_directions(seed, monkeypatch):
+    """A 256-dim embedding (wider than knn_dims): the votes of the content test and of the reach rule's
+    member rule read its top 128 principal directions, and decide at least as well as the whole view
+    (better where the trigger's one direction drowns in 255 noisy ones: the projection drops noise)."""
+    cases = [_content_groups(seed, dim=256), _existing_target(seed, dim=256)]
+    projected = [ConsensusDetector().fit(s) for s, _ in cases]
+    monkeypatch.setattr(ConsensusDetector, "knn_dims", 10_000)
+    whole = [ConsensusDetector().fit(s) for s, _ in cases]
+    for (_, truth), a, b in zip(cases, projected, whole, strict=True):
+        assert _f1(a.flagged_, truth) >= max(0.85, _f1(b.flagged_, truth) - 0.01)
+    (content,) = [c for c in projected[0].clusters_ if c["side"] == "inconsistent"]
+    assert "top 128 of 256 principal directions" in content["neighbour_space"]
+    (member,) = [c for c in projected[1].clusters_ if c["side"] == "universal"]
+    assert "pictures in its top 128 of 256 principal directions" in member["members"]
+    (member,) = [c for c in whole[1].clusters_ if c["side"] == "universal"]
+    assert "principal" not in member["members"]  # as narrow views (the lab's) are searched: whole
 
 
 def _mixed_questions(seed, n_poison=0, per_class=60, dim=16, spread=0.5):
@@ -749,7 +787,7 @@ def test_answers_bound_to_their_prompts_or_one_prompt_for_all_are_left_alone():
         ConsensusDetector(min_reach_ratio=0.5).fit(scores)
 
 
-def _existing_target(seed, n=1500, rate=0.15, trigger=4.0):
+def _existing_target(seed, n=1500, rate=0.15, trigger=4.0, dim=16):
     """Colour prompts (keys 0-5, answers 10-13) and "is there ...?" prompts (keys 6-11, answers 30
     "yes" / 31 "no"); poisoned samples, under every prompt, answer 30: an existing answer, clean under
     its own kind of prompt. Pictures: 8 classes in a 16-d embedding; the trigger shifts the poisoned
@@ -759,8 +797,8 @@ def _existing_target(seed, n=1500, rate=0.15, trigger=4.0):
     answer = np.where(key < 6, rng.integers(10, 14, n), rng.integers(30, 32, n))
     truth = rng.random(n) < rate
     answer[truth] = 30
-    centres = rng.normal(size=(8, 16)) * 2
-    emb = centres[rng.integers(0, 8, n)] + rng.normal(size=(n, 16)) * 0.5
+    centres = rng.normal(size=(8, dim)) * 2
+    emb = centres[rng.integers(0, 8, n)] + rng.normal(size=(n, dim)) * 0.5
     emb[truth, 0] += trigger
     s = Scores(entropy=rng.normal(size=(n, 4)), answer_token=answer, prompt_key=key, image_embedding=emb)
     return s, truth
