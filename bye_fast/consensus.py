@@ -384,14 +384,16 @@ def nearest_neighbours(
     xref = np.asarray(x[ref], dtype=np.float64)
     centre = xref.mean(axis=0)  # centred: float32 distances then lose less to cancellation
     xref = np.ascontiguousarray(xref - centre, dtype=np.float32)
-    ref_sq = np.einsum("ij,ij->i", xref, xref)
+    ref_sq = torch.from_numpy(np.einsum("ij,ij->i", xref, xref))
+    xref_t = torch.from_numpy(xref).T
     pos = np.searchsorted(ref, rows) if np.all(ref[:-1] < ref[1:]) else None
     out = np.empty((len(rows), k), dtype=np.int64)
     for s0 in range(0, len(rows), chunk):
         r = rows[s0 : s0 + chunk]
-        d = np.asarray(x[r] - centre, dtype=np.float32) @ xref.T
-        d *= -2.0
-        d += ref_sq[None, :]
+        q = torch.from_numpy(np.asarray(x[r] - centre, dtype=np.float32))
+        # |r|^2 - 2 q.r in one GEMM pass (|q|^2 does not change a row's order): the (chunk x len(ref))
+        # block is written once, not three times
+        d = torch.addmm(ref_sq, q, xref_t, beta=1.0, alpha=-2.0).numpy()
         if pos is not None:  # not its own neighbour
             p = np.minimum(pos[s0 : s0 + chunk], len(ref) - 1)
             hit = ref[p] == r
@@ -1134,7 +1136,7 @@ class ConsensusDetector:
                 if not np.isfinite(xr).all():
                     return float("nan")
                 total += xr.sum(axis=0)
-                sq += float((xr**2).sum())
+                sq += float(np.einsum("ij,ij->", xr, xr))  # (no squared copy of the rows)
             mean = total / len(rows)
             return sq / len(rows) - float(mean @ mean)
 
