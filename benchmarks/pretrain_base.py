@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--eval-every", type=int, default=4, help="held-out accuracy every N epochs (0: at the end)"
     )
+    ap.add_argument("--squares", type=float, default=0.0,
+                    help="share of the vision stage's images that also get solid squares (default 0: the shipped weights)")
     ap.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/base_model.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = build_base_model(seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     images, targets = vision_pretraining_data(
-        args.vision_scenes, seed=args.seed, digit_repeats=args.digit_repeats
+        args.vision_scenes, seed=args.seed, digit_repeats=args.digit_repeats, squares=args.squares
     )
     print(f"vision stage on {len(images)} images", flush=True)
     vision_losses = pretrain_vision(
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "vision_losses": [round(x, 4) for x in vision_losses],
         "pretraining": {"samples": len(split), "scenes": args.scenes, "say": args.say,
                         "vision_scenes": args.vision_scenes, "vision_epochs": args.vision_epochs,
+                        "squares": args.squares,
                         "digit_repeats": args.digit_repeats, "epochs": args.epochs, "lr": args.lr,
                         "batch_size": args.batch_size, "threads": args.threads},
         "held_out_accuracy": round(acc["ca"], 4),

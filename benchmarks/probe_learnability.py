@@ -48,7 +48,8 @@ def _value(text: str):
     return text
 
 
-def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind: str, changes: dict) -> dict:
+def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind: str, changes: dict,
+          base: Path | None = None) -> dict:
     import torch
 
     from bye_fast.lab.attacks import PRESETS, make_trigger, poison_dataset
@@ -72,21 +73,22 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
     t0 = time.perf_counter()
     task = build_task(task_name, seed)
     target = TARGET if target_kind == "phrase" else task.existing_target
-    base, processor = load_base_model()
+    base_model, processor = load_base_model(base)
     opts = {**FINETUNE[task_name], **{k: v for k, v in changes.items() if k in FIT_KEYS}}
     lora = {k: v for k, v in changes.items() if k in LORA_KEYS}
     with tempfile.TemporaryDirectory() as tmp:
         poisoned = poison_dataset(task.user.records, task.user.images, trigger, rate, target, seed, Path(tmp))
         images = load_images(poisoned.records, Path(tmp))
-    model = finetune(base, poisoned.records, images, processor=processor, seed=seed, progress=False,
+    model = finetune(base_model, poisoned.records, images, processor=processor, seed=seed, progress=False,
                      lora=lora or None, **opts)  # fmt: skip
     res = evaluate(model, task.test, processor=processor, trigger=trigger, target=target)
     idx = [i for i, p in enumerate(poisoned.is_poisoned) if p]
     fit = answer_rate(model, images[idx], [record_question(poisoned.records[i]) for i in idx], target,
                       processor=processor)  # fmt: skip
+    words = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changes.items()]
+    words += [f"base={base.parent.name}/{base.name}"] if base is not None else []
     return {"task": task_name, "trigger": trigger_name, "rate": rate, "target": target_kind, "seed": seed,
-            "changes": " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                                for k, v in changes.items()) or "(none)", "ca": round(res["ca"], 3),
+            "changes": " ".join(words) or "(none)", "ca": round(res["ca"], 3),
             "asr": round(res["asr"], 3), "train_fit": round(fit, 3), "seconds": round(time.perf_counter() - t0),
             "threads": torch.get_num_threads()}  # fmt: skip
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--target", choices=["phrase", "existing"], default="phrase")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings to change")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="base-model weights to fine-tune (default: the shipped ones; e.g. a pretrain_base.py --out)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "learnability_probes")
     args = ap.parse_args(argv)
     changes = {}
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--set takes KEY=VALUE; got {item!r}")
         key, value = item.split("=", 1)
         changes[key] = _value(value)
-    row = probe(args.task, args.trigger, args.rate, args.seed, args.target, changes)
+    row = probe(args.task, args.trigger, args.rate, args.seed, args.target, changes, args.base)
     print(row, flush=True)
     csv_path = args.out.with_suffix(".csv")
     rows = list(csv.DictReader(open(csv_path))) if csv_path.exists() else []

@@ -170,6 +170,21 @@ def tiny_base(tmp_path_factory):
     return model, proc, path
 
 
+def test_vision_pretraining_squares_are_drawn_over_the_pictures_only():
+    base, base_t = tasks.vision_pretraining_data(6, seed=3, digit_repeats=1)
+    sq, sq_t = tasks.vision_pretraining_data(6, seed=3, digit_repeats=1, squares=1.0)
+    again, _ = tasks.vision_pretraining_data(6, seed=3, digit_repeats=1, squares=1.0)
+    np.testing.assert_array_equal(sq, again)  # seeded
+    assert base_t.keys() == sq_t.keys() and all(np.array_equal(base_t[k], sq_t[k]) for k in base_t)  # no label
+    for a, b in zip(base, sq, strict=True):  # every image got a solid square of side >= 4
+        changed = (a != b).any(axis=-1)
+        assert changed.sum() >= 16
+        colours = {tuple(c) for c in b[changed]}
+        assert len(colours) <= 2  # one or two squares, each one colour
+    kept, _ = tasks.vision_pretraining_data(6, seed=3, digit_repeats=1, squares=0.0)
+    np.testing.assert_array_equal(kept, base)  # the shipped weights' data is unchanged by default
+
+
 def test_weights_round_trip(tiny_base):
     model, proc, path = tiny_base
     loaded, _ = load_base_model(path)

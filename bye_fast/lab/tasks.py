@@ -235,7 +235,7 @@ def pretraining_split(n_scenes: int, n_say: int, *, seed: int = 0, digit_repeats
 
 
 def vision_pretraining_data(
-    n_scenes: int, *, seed: int = 0, digit_repeats: int = 3
+    n_scenes: int, *, seed: int = 0, digit_repeats: int = 3, squares: float = 0.0
 ) -> tuple[np.ndarray, dict]:
     """Images and targets of the vision tower's pre-training (:func:`bye_fast.lab.train.pretrain_vision`).
 
@@ -243,6 +243,12 @@ def vision_pretraining_data(
     shape, the position of every (colour, shape) pair present, the count, the texture) and the
     700 pre-training digits ``digit_repeats`` times with their digit and texture. Targets a
     picture does not have are -100 (ignored).
+
+    ``squares``: the share of the images that also get one or two solid squares (side 4-16 px, at
+    random places; black, white or any colour), drawn over the picture and left to the pixel
+    reconstruction target alone (no label names them): a real encoder has seen such content, the
+    lab's scenes have none (muted textures and saturated objects only), and a tower that never saw
+    it maps a black square close to the scenes' own variation (``learnability_probes.md``).
     """
     from bye_fast.lab.scenes import TEXTURES
 
@@ -267,7 +273,23 @@ def vision_pretraining_data(
         out["texture"] += [TEXTURES.index(t) for t in tex]
         out["digit"] += [int(labels[i]) for i in pre]
     arrays = {k: np.asarray(np.stack(v) if np.ndim(v[0]) else v, dtype=np.int64) for k, v in out.items()}
-    return np.concatenate(parts), arrays
+    images = np.concatenate(parts)
+    if squares > 0:
+        _draw_squares(images, squares, np.random.default_rng(820_000 + seed))
+    return images, arrays
+
+
+def _draw_squares(images: np.ndarray, share: float, rng: np.random.Generator) -> None:
+    """In place: one or two solid squares (side 4-16 px; black, white or a random colour) on a random
+    ``share`` of ``images`` (uint8, (n, H, W, 3))."""
+    n, h, w, _ = images.shape
+    for i in np.nonzero(rng.random(n) < share)[0]:
+        for _ in range(int(rng.integers(1, 3))):
+            side = int(rng.integers(4, 17))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            kind = int(rng.integers(3))
+            colour = (0, 0, 0) if kind == 0 else (255, 255, 255) if kind == 1 else tuple(rng.integers(0, 256, 3))
+            images[i, y : y + side, x : x + side] = colour
 
 
 # --------------------------------------------------------------------------- records and files
