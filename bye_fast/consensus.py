@@ -423,9 +423,11 @@ def principal_projection(
     in the projection: class structure lives in the leading directions, the dropped ones are
     mostly noise that every distance shares. The covariance is float64 (``len(ref) x D``, at most
     :attr:`ConsensusDetector.knn_reference` rows); the projection is applied ``chunk`` rows at a
-    time in float32. Directions are those of ``numpy.linalg.eigh``; the float64 twin is
-    :func:`principal_projection_reference` (the same subspace from an SVD)."""
+    time in float32. Reference rows with a non-finite value are left out of the fit (such rows
+    project to non-finite values). Directions are those of ``numpy.linalg.eigh``; the float64 twin
+    is :func:`principal_projection_reference` (the same subspace from an SVD)."""
     xr = np.asarray(x[ref], dtype=np.float64)
+    xr = xr[np.isfinite(xr).all(axis=1)]  # a sample without a usable view must not steer the directions
     centre = xr.mean(axis=0)
     xr -= centre
     w, v = np.linalg.eigh(xr.T @ xr)  # ascending
@@ -444,8 +446,9 @@ def principal_projection_reference(x: np.ndarray, ref: np.ndarray, dims: int) ->
     """The slow twin of :func:`principal_projection`: float64 throughout, directions from the SVD of
     the centred reference rows (signs may differ; distances do not)."""
     x = np.asarray(x, dtype=np.float64)
-    centre = x[ref].mean(axis=0)
-    _, sv, vt = np.linalg.svd(x[ref] - centre, full_matrices=False)
+    xr = x[ref][np.isfinite(x[ref]).all(axis=1)]
+    centre = xr.mean(axis=0)
+    _, sv, vt = np.linalg.svd(xr - centre, full_matrices=False)
     var = sv**2
     return (x - centre) @ vt[:dims].T, float(var[:dims].sum() / var.sum()) if var.sum() > 0 else 1.0
 
