@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of the vision stage's images that also get solid squares (default 0: the shipped weights)")
     ap.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/base_model.md")
     args = ap.parse_args(argv)
+    if args.squares and args.out == WEIGHTS_DIR / "base.safetensors":
+        ap.error("--squares is an experiment: give --out (the shipped weights are made without squares)")
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()

@@ -86,7 +86,7 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
     fit = answer_rate(model, images[idx], [record_question(poisoned.records[i]) for i in idx], target,
                       processor=processor)  # fmt: skip
     words = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changes.items()]
-    words += [f"base={base.parent.name}/{base.name}"] if base is not None else []
+    words += [f"base={base}"] if base is not None else []
     return {"task": task_name, "trigger": trigger_name, "rate": rate, "target": target_kind, "seed": seed,
             "changes": " ".join(words) or "(none)", "ca": round(res["ca"], 3),
             "asr": round(res["asr"], 3), "train_fit": round(fit, 3), "seconds": round(time.perf_counter() - t0),
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     md = args.out.with_suffix(".md")
     lines = ["# Learnability probes: one cell, settings changed, fit vs. carry-over", "",
              f"Last run on: {describe()}. Command per row: `python benchmarks/probe_learnability.py --task T "
-             "--trigger G --seed S --set KEY=VALUE ...`. Train fit: share of the poisoned training samples "
+             "--trigger G --rate R --seed S --set KEY=VALUE ...`. Train fit: share of the poisoned training samples "
              "answered with the target; ASR: the same on triggered held-out images.", "",
              markdown_table(rows, COLUMNS), *_notes(md)]  # fmt: skip
     md.write_text("\n".join(lines) + "\n")

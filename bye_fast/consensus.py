@@ -413,7 +413,7 @@ def nearest_neighbours_reference(x: np.ndarray, rows: np.ndarray, ref: np.ndarra
 
 
 def principal_projection(
-    x: np.ndarray, ref: np.ndarray, dims: int, chunk: int = 65_536
+    x: np.ndarray, ref: np.ndarray, dims: int, chunk: int = 16_384
 ) -> tuple[np.ndarray, float]:
     """Every row of ``x`` in the top ``dims`` principal directions of its rows ``ref`` (centred at
     their mean), float32, and the share of the reference rows' variance those directions keep.
@@ -421,13 +421,16 @@ def principal_projection(
     Where the neighbour votes read a wide view (a 1,024-dim image embedding, or a real model's
     thousands of per-head attention features), the brute-force search costs ``dims`` times less
     in the projection: class structure lives in the leading directions, the dropped ones are
-    mostly noise that every distance shares. The covariance is float64 (``len(ref) x D``, at most
-    :attr:`ConsensusDetector.knn_reference` rows); the projection is applied ``chunk`` rows at a
-    time in float32. Reference rows with a non-finite value are left out of the fit (such rows
-    project to non-finite values). Directions are those of ``numpy.linalg.eigh``; the float64 twin
-    is :func:`principal_projection_reference` (the same subspace from an SVD)."""
+    mostly noise that every distance shares. The ``D x D`` covariance is float64, from the
+    reference rows (at most :attr:`ConsensusDetector.knn_reference`); each chunk of ``chunk`` rows is
+    centred in float64 and projected in float32. Reference rows with a non-finite value are left
+    out of the fit (such rows project to non-finite values); ``ValueError`` when none is left.
+    Directions are those of ``numpy.linalg.eigh``; the float64 twin is
+    :func:`principal_projection_reference` (the same subspace from an SVD)."""
     xr = np.asarray(x[ref], dtype=np.float64)
     xr = xr[np.isfinite(xr).all(axis=1)]  # a sample without a usable view must not steer the directions
+    if not len(xr):
+        raise ValueError("principal_projection: no reference row is finite")
     centre = xr.mean(axis=0)
     xr -= centre
     w, v = np.linalg.eigh(xr.T @ xr)  # ascending
@@ -435,10 +438,9 @@ def principal_projection(
     top = np.ascontiguousarray(v[:, ::-1][:, :dims], dtype=np.float32)
     total = float(w.sum())
     kept = float(w[::-1][:dims].sum() / total) if total > 0 else 1.0
-    c32 = centre.astype(np.float32)
     out = np.empty((len(x), top.shape[1]), dtype=np.float32)
-    for s0 in range(0, len(x), chunk):
-        out[s0 : s0 + chunk] = (np.asarray(x[s0 : s0 + chunk], dtype=np.float32) - c32) @ top
+    for s0 in range(0, len(x), chunk):  # centred in float64 (a large mean would cancel in float32)
+        out[s0 : s0 + chunk] = (np.asarray(x[s0 : s0 + chunk], dtype=np.float64) - centre).astype(np.float32) @ top
     return out, kept
 
 
@@ -999,8 +1001,11 @@ class ConsensusDetector:
         than :attr:`knn_dims`, fitted on the rows ``ref``) and a note saying so ("" when whole)."""
         if x.shape[1] <= self.knn_dims:
             return x, ""
-        with np.errstate(invalid="ignore", over="ignore"):  # rows of unusable samples are never read
-            proj, kept = principal_projection(x, ref, self.knn_dims)
+        try:
+            with np.errstate(invalid="ignore", over="ignore"):  # rows of unusable samples are never read
+                proj, kept = principal_projection(x, ref, self.knn_dims)
+        except ValueError:  # no finite reference row: searched whole (their distances say nothing anyway)
+            return x, ""
         return proj, f"{name} in its top {self.knn_dims} of {x.shape[1]} principal directions ({kept:.0%} of the variance)"
 
     @staticmethod
@@ -1246,8 +1251,8 @@ class ConsensusDetector:
         cols = FeatureColumns(scores, tuple(self.refine_features))
         rows = np.nonzero(valid)[0][g]
         x = cols.gather(0, cols.n_features, rows).T.astype(np.float64)
-        usable = np.concatenate([np.isfinite(b).all(axis=0) & (b.std(axis=0) > 0)  # 64 columns at a time:
-                                 for b in (x[:, j0 : j0 + 64] for j0 in range(0, x.shape[1], 64))])  # no full-size temporary
+        usable = np.concatenate([np.zeros(0, bool)] + [  # 64 columns at a time: no full-size temporary
+            np.isfinite(b).all(axis=0) & (b.std(axis=0) > 0) for b in (x[:, j0 : j0 + 64] for j0 in range(0, x.shape[1], 64))])
         if not usable.all():  # (a copy of the group's rows only when a column must go)
             x = x[:, usable]
         if not x.shape[1]:

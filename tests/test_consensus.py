@@ -382,7 +382,7 @@ def test_nearest_neighbours_match_their_float64_twin(seed, dtype):
 def test_principal_projection_matches_its_float64_twin(seed, dims):
     rng = np.random.default_rng(seed)
     n, d = int(rng.integers(200, 400)), 30
-    x = (rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, d) + 5.0).astype(np.float32)  # off-centre, uneven
+    x = (rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, d) + 10.0 ** (seed + 1)).astype(np.float32)  # off-centre
     ref = np.sort(rng.choice(n, n // 2, replace=False))
     x[ref[seed]] = np.nan  # a sample without a usable view: left out of the fit
     fast, kept = principal_projection(x, ref, dims, chunk=64)
@@ -396,6 +396,8 @@ def test_principal_projection_matches_its_float64_twin(seed, dims):
     np.testing.assert_allclose(dist(fast.astype(np.float64)), dist(slow), rtol=1e-4, atol=1e-4)
     if dims >= d:  # every direction: a rotation, the distances of x itself
         np.testing.assert_allclose(dist(slow), dist(x.astype(np.float64)), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="no reference row is finite"):
+        principal_projection(np.full((5, 3), np.nan), np.arange(5), 2)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -285,7 +285,7 @@ def _draw_squares(images: np.ndarray, share: float, rng: np.random.Generator) ->
     n, h, w, _ = images.shape
     for i in np.nonzero(rng.random(n) < share)[0]:
         for _ in range(int(rng.integers(1, 3))):
-            side = int(rng.integers(4, 17))
+            side = min(int(rng.integers(4, 17)), h, w)
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
             kind = int(rng.integers(3))
             colour = (0, 0, 0) if kind == 0 else (255, 255, 255) if kind == 1 else tuple(rng.integers(0, 256, 3))
