@@ -102,8 +102,8 @@ ROUND11_SEEDS = (31,)
 #: Round 12 (v11 again, no design change): more held-out seeds for the existing-answer targets.
 ROUND12_SCENE_SEEDS = (30, 31)
 ROUND12_MIXED_SEEDS = (18,)
-#: Round 13 (v11 again): trigger families no round held out on a scene cell (two patches, blended, random
-#: position, WaNet), on new scene seeds (lora-vision).
+#: Round 13 (v11 again): trigger families no round held out on a tuned-tower scene cell (two patches, blended,
+#: random position, WaNet), on new scene seeds (lora-vision).
 ROUND13_SCENE_SEEDS = (32, 33)
 ROUND13_SCENE_CELLS = (("patch", 0.0), ("two_patches", 0.2), ("blended", 0.2), ("random_patch", 0.2), ("wanet", 0.2),
                        ("two_patches", 0.2, "existing"))
