@@ -258,7 +258,6 @@ def retrain(
     keep = np.asarray(keep, dtype=bool)
     if keep.shape != (len(records),):
         raise ValueError(f"keep must have one entry per record ({len(records)}); got {keep.shape}")
-    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
     base, processor = load_base_model(weights)
     kept = [r for r, k in zip(records, keep, strict=True) if k]
     if not kept:
@@ -266,9 +265,15 @@ def retrain(
     images = load_images(kept, cell.image_folder)
     model = finetune(base, kept, images, processor=processor, method=spec.method, seed=spec.seed,
                      progress=progress, **_finetune_options(spec))  # fmt: skip
-    res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
-                   target=cell.before["target_answer"])  # fmt: skip
-    return {**res, "n_kept": len(kept)}
+    return {**_evaluate_on_cell(cell, model, processor), "n_kept": len(kept)}
+
+
+def _evaluate_on_cell(cell: Cell, model, processor) -> dict:
+    """CA and ASR of ``model`` on ``cell``'s held-out test data, with its trigger and target."""
+    spec = cell.spec
+    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
+    return evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
+                    target=cell.before["target_answer"])  # fmt: skip
 
 
 def clean_asr(cell: Cell, clean: str | Path) -> float:
@@ -281,10 +286,5 @@ def clean_asr(cell: Cell, clean: str | Path) -> float:
     same = ("task", "seed", "method", "n_user", "n_test", "epochs")
     if meta["spec"]["rate"] != 0 or any(meta["spec"].get(k) != getattr(cell.spec, k) for k in same):
         raise ValueError(f"{clean}: not the clean cell of {cell.spec.name} (its spec: {meta['spec']})")
-    spec = cell.spec
-    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
     model, processor = _load_model(clean)
-    res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
-                   target=cell.before["target_answer"])  # fmt: skip
-    return float(res["asr"])
-
+    return float(_evaluate_on_cell(cell, model, processor)["asr"])
