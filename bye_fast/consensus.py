@@ -455,6 +455,14 @@ def principal_projection_reference(x: np.ndarray, ref: np.ndarray, dims: int) ->
     return (x - centre) @ vt[:dims].T, float(var[:dims].sum() / var.sum()) if var.sum() > 0 else 1.0
 
 
+def _usable_columns(x: np.ndarray, varying: bool = False, width: int = 64) -> np.ndarray:
+    """Which columns of ``x`` are finite in every row (and, with ``varying``, not constant), read
+    ``width`` columns at a time: no full-size temporary of a group's rows."""
+    return np.concatenate([np.zeros(0, bool)] + [
+        np.isfinite(b).all(axis=0) & ((b.std(axis=0) > 0) if varying else True)
+        for b in (x[:, j0 : j0 + width] for j0 in range(0, x.shape[1], width))])  # fmt: skip
+
+
 def _cap_rows(parts: list[np.ndarray], cap: int, rng: np.random.Generator) -> np.ndarray:
     """The rows of each class (``parts``), at most ``cap`` of each drawn at random, sorted."""
     return np.sort(np.concatenate([rng.choice(p, cap, replace=False) if len(p) > cap else p for p in parts]))
@@ -954,7 +962,9 @@ class ConsensusDetector:
             views.append(("pictures", np.asarray(scores.image_embedding[vidx[rows]], dtype=np.float32)))
         cols = FeatureColumns(scores, tuple(self.refine_features or REFINE_FEATURES))
         x = cols.gather(0, cols.n_features, vidx[rows]).T.astype(np.float32)
-        x = x[:, np.isfinite(x).all(axis=0)]
+        usable = _usable_columns(x)
+        if not usable.all():  # (a copy only when a column must go)
+            x = x[:, usable]
         if x.shape[1]:
             xr = x[: len(ref)]
             med, sd = np.median(xr, axis=0), xr.std(axis=0)
@@ -1251,8 +1261,7 @@ class ConsensusDetector:
         cols = FeatureColumns(scores, tuple(self.refine_features))
         rows = np.nonzero(valid)[0][g]
         x = cols.gather(0, cols.n_features, rows).T.astype(np.float64)
-        usable = np.concatenate([np.zeros(0, bool)] + [  # 64 columns at a time: no full-size temporary
-            np.isfinite(b).all(axis=0) & (b.std(axis=0) > 0) for b in (x[:, j0 : j0 + 64] for j0 in range(0, x.shape[1], 64))])
+        usable = _usable_columns(x, varying=True)
         if not usable.all():  # (a copy of the group's rows only when a column must go)
             x = x[:, usable]
         if not x.shape[1]:
