@@ -161,25 +161,25 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "6": (("all5",), (ROUND6_SEEDS, ROUND6_MIXED_SEEDS, ROUND6_SCENE_SEEDS, ROUND6_PARITY_SEEDS)),
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
+    def later_round(rnd: int, specs: list[CellSpec]) -> list[tuple[str, CellSpec]]:
+        """Rounds 9 and 11-13: design = every cell of the earlier rounds, held out = ``specs``."""
+        design = [(f"design{rnd}", spec) for _, spec in cells_of(f"all{rnd - 1}")]
+        heldout = [(f"heldout{rnd}", spec) for spec in specs]
+        return {f"design{rnd}": design, f"heldout{rnd}": heldout, f"all{rnd}": design + heldout}[which]
+
     if which in ("design13", "heldout13", "all13"):  # round 13: v11 again, trigger families never held out
-        design = [("design13", spec) for _, spec in cells_of("all12")]
-        heldout = [("heldout13", spec) for spec in lora_scenes(ROUND13_SCENE_SEEDS, ROUND13_SCENE_CELLS)]
-        return {"design13": design, "heldout13": heldout, "all13": design + heldout}[which]
+        return later_round(13, lora_scenes(ROUND13_SCENE_SEEDS, ROUND13_SCENE_CELLS))
     if which in ("design12", "heldout12", "all12"):  # round 12: v11 again on new seeds
-        design = [("design12", spec) for _, spec in cells_of("all11")]
         scene_cells = lora_scenes(ROUND12_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2, "existing"),
                                                         ("sig", 0.1, "existing"), ("sig", 0.1)))
-        heldout = [("heldout12", spec) for spec in scene_cells + [s for seed in ROUND12_MIXED_SEEDS for s in mixed_seed(seed)]]
-        return {"design12": design, "heldout12": heldout, "all12": design + heldout}[which]
+        return later_round(12, scene_cells + [s for seed in ROUND12_MIXED_SEEDS for s in mixed_seed(seed)])
     if which in ("design11", "heldout11", "all11"):  # round 11: existing-answer targets, new seeds
-        design = [("design11", spec) for _, spec in cells_of("all10")]
         scene_cells = lora_scenes(ROUND11_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2, "existing"),
                                                         ("sig", 0.1, "existing"), ("patch", 0.2)))
         ten_cells = [CellSpec(task="digits-ten", trigger=trigger, rate=rate, seed=seed, target=target)
                      for seed in ROUND11_SEEDS
                      for trigger, rate, target in (("patch", 0.0, "phrase"), ("patch", 0.1, "existing"))]  # fmt: skip
-        heldout = [("heldout11", spec) for spec in scene_cells + ten_cells]
-        return {"design11": design, "heldout11": heldout, "all11": design + heldout}[which]
+        return later_round(11, scene_cells + ten_cells)
     if which in ("design10", "heldout10", "all10"):  # round 10: every family, new seeds
         design = [("design10", spec) for _, spec in cells_of("all9")]
         scene_cells = lora_scenes(ROUND10_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2), ("sig", 0.1),
@@ -192,11 +192,8 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                                              + parity_cells)]  # fmt: skip
         return {"design10": design, "heldout10": heldout, "all10": design + heldout}[which]
     if which in ("design9", "heldout9", "all9"):  # round 9: the two families with many prompts, new seeds
-        design = [("design9", spec) for _, spec in cells_of("all8")]
-        heldout = [("heldout9", spec) for spec in (
-            lora_scenes(ROUND9_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2), ("sig", 0.1)))
-            + [spec for seed in ROUND9_MIXED_SEEDS for spec in mixed_seed(seed)])]  # fmt: skip
-        return {"design9": design, "heldout9": heldout, "all9": design + heldout}[which]
+        return later_round(9, lora_scenes(ROUND9_SCENE_SEEDS, (("patch", 0.0), ("patch", 0.2), ("sig", 0.1)))
+                           + [spec for seed in ROUND9_MIXED_SEEDS for spec in mixed_seed(seed)])
     if which in ("design8", "heldout8", "all8"):  # round 8: poisoned binary and scene cells held out too
         design = [("design8", spec) for _, spec in cells_of("all7")]
         mixed_cells = [spec for seed in ROUND8_MIXED_SEEDS for spec in mixed_seed(seed)]
