@@ -71,14 +71,15 @@ def specs(args) -> list[CellSpec]:
     out = []
     for task in args.tasks:
         for seed in args.seeds:
-            out.append(CellSpec(task=task, rate=0.0, seed=seed, method=args.method))  # the clean cell
+            size = {"method": args.method, "n_user": args.n_user, "epochs": args.epochs}
+            out.append(CellSpec(task=task, rate=0.0, seed=seed, **size))  # the clean cell
             for target in args.targets:
                 rates = args.rates if target == "phrase" else args.existing_rates
                 triggers = args.triggers if target == "phrase" else [t for t in args.triggers if t in args.existing_triggers]
                 for trigger in triggers:
                     for rate in rates:
                         out.append(CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target,
-                                            method=args.method))  # fmt: skip
+                                            **size))  # fmt: skip
     return out
 
 
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--method", default="lora", choices=METHODS,
                     help="fine-tuning method (default lora, the vision tower frozen; lora-vision: adapters on it too)")
+    ap.add_argument("--n-user", type=int, default=800, help="user (training) samples per cell (default 800)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="fine-tuning epochs (default: the family's, bye_fast.lab.cell.FINETUNE)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"cell folders (default {DEFAULT_WORK})")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "learnability",
@@ -136,6 +140,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     for r in rows:
         if r["rate"] > 0:
             groups.setdefault((r["task"], r["target"], r["trigger"], r["rate"]), []).append(r)
+    epochs = "the family's epochs" if args.epochs is None else f"{args.epochs} epochs"
     lines = [
         "# Learnability matrix: which backdoors the lab's model learns",
         "",
@@ -145,7 +150,8 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         f"median cell {statistics.median(r['seconds'] for r in rows):.0f} s).",
         "",
         f"Each cell fine-tunes the shipped base model on the poisoned user task (`bye_fast.lab.cell`; "
-        f"method `{args.method}`). CA: clean accuracy on held-out data (exact answer); ASR: share of "
+        f"method `{args.method}`, {args.n_user} user samples, {epochs}). CA: clean accuracy on held-out "
+        "data (exact answer); ASR: share of "
         "held-out samples whose answer is not the target that answer the target once the trigger is "
         "applied. CA drop: the clean cell's CA (same task and seed, no poison) minus the cell's. "
         "Medians over seeds, worst seed in brackets; learned = ASR >= 0.9 in every seed.",

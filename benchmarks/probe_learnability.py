@@ -5,11 +5,13 @@
     python benchmarks/probe_learnability.py --task scenes --seed 2 --set size=12
     python benchmarks/probe_learnability.py --task scenes --seed 2 --set color=0.88,0.14,0.14
     python benchmarks/probe_learnability.py --task scenes --seed 3 --rate 0.2 --set method=lora-vision
+    python benchmarks/probe_learnability.py --task scenes --seed 2 --set n_user=2000
 
 Poisons the user task as ``bye_fast.lab.cell`` does, fine-tunes the shipped base model with the
 family's settings (``bye_fast.lab.cell.FINETUNE``) changed by ``--set`` (``epochs``, ``lr``,
 ``schedule``, ``batch_size``, ``method``; LoRA ``r``, ``lora_alpha``; the trigger's ``size`` and
-``color`` for patch presets, one value or R,G,B on the [0, 1] scale), and measures three things: clean accuracy (CA), attack success on triggered held-out
+``color`` for patch presets, one value or R,G,B on the [0, 1] scale; the user data's size
+``n_user``), and measures three things: clean accuracy (CA), attack success on triggered held-out
 images (ASR), and **train fit**: the share of the poisoned *training* samples answered with the
 target. Train fit near 1 with a low ASR means the poisoned samples were memorised one by one, not
 keyed on the trigger; train fit near 0 means the model could not tell them apart at all.
@@ -35,6 +37,7 @@ COLUMNS = ["task", "trigger", "rate", "target", "seed", "changes", "ca", "asr", 
 LORA_KEYS = ("r", "lora_alpha")
 FIT_KEYS = ("epochs", "lr", "schedule", "batch_size", "method")
 TRIGGER_KEYS = ("size", "color")
+TASK_KEYS = ("n_user",)
 
 
 def _value(text: str):
@@ -58,10 +61,10 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
     from bye_fast.lab.tasks import TARGET, build_task, load_images, record_question
     from bye_fast.lab.train import answer_rate, evaluate, finetune
 
-    unknown = set(changes) - {*LORA_KEYS, *FIT_KEYS, *TRIGGER_KEYS}
+    unknown = set(changes) - {*LORA_KEYS, *FIT_KEYS, *TRIGGER_KEYS, *TASK_KEYS}
     if unknown:
         raise SystemExit(
-            f"--set: unknown setting(s) {sorted(unknown)}; valid: {[*FIT_KEYS, *LORA_KEYS, *TRIGGER_KEYS]}"
+            f"--set: unknown setting(s) {sorted(unknown)}; valid: {[*FIT_KEYS, *LORA_KEYS, *TRIGGER_KEYS, *TASK_KEYS]}"
         )
     params = dict(PRESETS[trigger_name])
     for key in TRIGGER_KEYS:
@@ -71,7 +74,7 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
             params[key] = changes[key]
     trigger = make_trigger(params.pop("name"), **params)
     t0 = time.perf_counter()
-    task = build_task(task_name, seed)
+    task = build_task(task_name, seed, **{k: v for k, v in changes.items() if k in TASK_KEYS})
     target = TARGET if target_kind == "phrase" else task.existing_target
     base_model, processor = load_base_model(base)
     opts = {**FINETUNE[task_name], **{k: v for k, v in changes.items() if k in FIT_KEYS}}
