@@ -107,6 +107,11 @@ ROUND12_MIXED_SEEDS = (18,)
 ROUND13_SCENE_SEEDS = (32, 33)
 ROUND13_SCENE_CELLS = (("patch", 0.0), ("two_patches", 0.2), ("blended", 0.2), ("random_patch", 0.2), ("wanet", 0.2),
                        ("two_patches", 0.2, "existing"))
+#: Round 14 (v11 again): the paper's recipe, tower frozen (``lora``), on scene user sets of 2000 samples
+#: (at 800 no scene trigger is learned with the tower frozen; at 2000 the centre patch is, learnability_probes.md).
+ROUND14_SCENE_SEEDS = (34, 35)
+ROUND14_SCENE_CELLS = (("patch", 0.0), ("patch", 0.1), ("sig", 0.1), ("patch", 0.1, "existing"))
+ROUND14_N_USER = 2000
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "asr_clean", "ca_after",
@@ -141,11 +146,11 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
                 CellSpec(task="digits-mixed", trigger="patch", rate=0.2, seed=seed),
                 CellSpec(task="digits-mixed", trigger="patch", rate=0.1, seed=seed, target="existing"))  # fmt: skip
 
-    def lora_scenes(seeds, cells):
-        """Scene cells fine-tuned with ``lora-vision`` (rounds 8-12): per seed, each ``(trigger, rate)`` or
-        ``(trigger, rate, target)`` of ``cells`` (target: the fixed phrase unless given)."""
+    def lora_scenes(seeds, cells, method="lora-vision", n_user=800):
+        """Scene cells fine-tuned with ``method`` (``lora-vision`` in rounds 8-13): per seed, each
+        ``(trigger, rate)`` or ``(trigger, rate, target)`` of ``cells`` (target: the fixed phrase unless given)."""
         return [CellSpec(task="scenes", trigger=c[0], rate=c[1], seed=seed, target=(c[2:] or ("phrase",))[0],
-                         method="lora-vision")
+                         method=method, n_user=n_user)
                 for seed in seeds for c in cells]  # fmt: skip
 
     def every_family(name, ten, mixed, scenes, parity):
@@ -162,11 +167,13 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
     def later_round(rnd: int, specs: list[CellSpec]) -> list[tuple[str, CellSpec]]:
-        """Rounds 9 and 11-13: design = every cell of the earlier rounds, held out = ``specs``."""
+        """Rounds 9 and 11-14: design = every cell of the earlier rounds, held out = ``specs``."""
         design = [(f"design{rnd}", spec) for _, spec in cells_of(f"all{rnd - 1}")]
         heldout = [(f"heldout{rnd}", spec) for spec in specs]
         return {f"design{rnd}": design, f"heldout{rnd}": heldout, f"all{rnd}": design + heldout}[which]
 
+    if which in ("design14", "heldout14", "all14"):  # round 14: v11 again, the paper's recipe (tower frozen)
+        return later_round(14, lora_scenes(ROUND14_SCENE_SEEDS, ROUND14_SCENE_CELLS, "lora", ROUND14_N_USER))
     if which in ("design13", "heldout13", "all13"):  # round 13: v11 again, trigger families never held out
         return later_round(13, lora_scenes(ROUND13_SCENE_SEEDS, ROUND13_SCENE_CELLS))
     if which in ("design12", "heldout12", "all12"):  # round 12: v11 again on new seeds
@@ -305,9 +312,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14") for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 12 or 13 (design13, heldout13, all13); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 13 or 14 (design14, heldout14, all14); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -411,7 +418,11 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout13", "Round 13, held-out cells (v11 again; scenes seeds 32-33 fine-tuned with lora-vision, "
+    for set_name, title in (("heldout14", "Round 14, held-out cells (v11 again; the paper's recipe, tower frozen, on scene "
+                                           "user sets of 2000 samples, seeds 34-35: clean, centre patch and SIG at 10% with "
+                                           "the phrase, centre patch at 10% with \"yes\")"),
+                            ("design14", "Round 14, design cells (every cell of rounds 1-13)"),
+                            ("heldout13", "Round 13, held-out cells (v11 again; scenes seeds 32-33 fine-tuned with lora-vision, "
                                            "clean, two patches, blended, random-position patch and WaNet at 20% with the "
                                            "phrase, two patches at 20% with \"yes\")"),
                             ("design13", "Round 13, design cells (every cell of rounds 1-12)"),

@@ -159,7 +159,7 @@ def test_round_nine_holds_out_new_scene_and_mixed_seeds():
 
 
 def _check_later_round(det, rnd: int, tasks: tuple[str, ...], n: int) -> list:
-    """Rounds 10-13: the design set is every earlier cell; the held-out cells of ``tasks`` use seeds no
+    """Rounds 10-14: the design set is every earlier cell; the held-out cells of ``tasks`` use seeds no
     earlier round used, ``n`` cells none of which any round named before. Returns the held-out specs."""
     design, heldout = det.cells_of(f"design{rnd}"), det.cells_of(f"heldout{rnd}")
     assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of(f"all{rnd - 1}")}
@@ -200,6 +200,17 @@ def test_round13_holds_out_scene_trigger_families_no_round_held_out_with_a_tuned
                if s.task == "scenes" and s.rate > 0 and s.method == "lora-vision"}  # fmt: skip
     new = {s.trigger for s in specs if s.rate > 0}
     assert new == {"two_patches", "blended", "random_patch", "wanet"} and not new & earlier
+
+
+def test_round14_holds_out_the_papers_recipe_tower_frozen_on_larger_scene_sets():
+    det = _detection()
+    specs = _check_later_round(det, 14, ("scenes",), 8)
+    assert {(s.task, s.seed) for s in specs} == {(s.task, s.seed) for s in specs if s.rate == 0}
+    assert {(s.method, s.n_user, s.epochs) for s in specs} == {("lora", 2000, None)}
+    assert {(s.trigger, s.target) for s in specs if s.rate > 0} == {("patch", "phrase"), ("sig", "phrase"),
+                                                                     ("patch", "existing")}  # fmt: skip
+    earlier = [s for r in range(2, 14) for _, s in det.cells_of(f"all{r}")] + [s for _, s in det.cells_of("all")]
+    assert all(s.n_user == 800 for s in earlier)  # no earlier round fine-tuned on 2000 samples
 
 
 @pytest.mark.parametrize("embedding, target, prompts", [(0, "phrase", 0), (32, "phrase", 0), (32, "existing", 0),
