@@ -158,6 +158,12 @@ def test_demo_passes_every_option_on(monkeypatch, tmp_path, capsys):
     assert seen["detect_options"] == {"max_fraction": 0.25} and seen["method"] == "consensus"  # noqa
     assert (seen["task"], seen["trigger"], seen["rate"], seen["seed"], seen["target"]) == (
         "digits-ten", "wanet", 0.2, 3, "existing")  # fmt: skip
+    assert (seen["n_user"], seen["finetune"]) == (800, "lora")  # the paper's service by default
+    assert main(["demo", "--out", str(tmp_path / "d"), "--task", "scenes", "--n-user", "2000", "--finetune",
+                 "lora-vision"]) == 0  # fmt: skip
+    assert (seen["task"], seen["n_user"], seen["finetune"]) == ("scenes", 2000, "lora-vision")
+    assert main(["demo", "--out", str(tmp_path / "d"), "--n-user", "3"]) == 2
+    assert "--n-user" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "d"), "--method", "paper", "--threshold", "3"]) == 0
     assert seen["method"] == "paper" and seen["detect_options"] == {"threshold": 3.0}
     assert main(["demo", "--out", str(tmp_path / "d"), "--threshold", "3"]) == 2

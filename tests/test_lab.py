@@ -276,8 +276,9 @@ def test_the_demo_runs_end_to_end_on_a_small_cell(tmp_path):
     run_demo(out, n_user=80, n_test=40, epochs=1, rate=0.2, progress=False, verbose=False)
     res = json.loads((out / "result.json").read_text())
     for key in ("ca_before", "asr_before", "f1", "removed_fraction", "asr_after", "ca_after", "task",
-                "trigger", "n_image_tokens", "n_text_layers", "paper_f1"):  # fmt: skip
+                "trigger", "n_image_tokens", "n_text_layers", "paper_f1", "finetune"):  # fmt: skip
         assert key in res, key
+    assert res["finetune"] == "lora" and res["n_train"] == 80
     assert (res["task"], res["trigger"], res["n_image_tokens"], res["n_text_layers"]) == (
         "digits-parity",
         "patch",
@@ -355,7 +356,7 @@ def test_demo_summary_says_dash_not_nan_when_nothing_is_removed():
     from bye_fast.lab.demo import DemoResult, summary_table
 
     r = DemoResult(task="digits-parity", trigger="patch", target="phrase", rate=0.1, seed=2, n_train=800,
-                   n_poisoned=80, n_image_tokens=144, n_text_layers=6, method="consensus", ca_before=0.889,
+                   n_poisoned=80, n_image_tokens=144, n_text_layers=6, finetune="lora", method="consensus", ca_before=0.889,
                    asr_before=0.0, ca_after=0.889, asr_after=0.0, n_removed=0, removed_fraction=0.0,
                    precision=float("nan"), recall=0.0, f1=0.0, reason="", paper_n_removed=0,
                    paper_removed_fraction=0.0, paper_f1=0.0, paper_reason="", seconds={})  # fmt: skip

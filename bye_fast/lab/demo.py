@@ -41,6 +41,7 @@ class DemoResult:
     n_poisoned: int
     n_image_tokens: int
     n_text_layers: int
+    finetune: str
     method: str
     ca_before: float
     asr_before: float
@@ -72,15 +73,21 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
     n_user: int = 800,
+    finetune: str = "lora",
     n_test: int = 297,
     epochs: int | None = None,
     weights: str | os.PathLike | None = None,
     plots: bool = True,
     verbose: bool = True,
 ) -> DemoResult:
-    """Run the demo end to end (see the module docstring); returns the summary numbers."""
-    spec = CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target, n_user=n_user,
-                    n_test=n_test, epochs=epochs)  # fmt: skip
+    """Run the demo end to end (see the module docstring); returns the summary numbers.
+
+    ``finetune`` and ``n_user`` are the cell's fine-tuning method (:data:`bye_fast.lab.train.METHODS`)
+    and user-data size (:class:`bye_fast.lab.cell.CellSpec`); ``method`` and ``detect_options`` are
+    :func:`bye_fast.detect`'s.
+    """
+    spec = CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target, method=finetune,
+                    n_user=n_user, n_test=n_test, epochs=epochs)  # fmt: skip
     if rate <= 0:
         raise ValueError(f"rate must be in (0, 1) for the demo; got {rate}")
     out = Path(out)
@@ -91,7 +98,7 @@ def run_demo(
     t0 = time.perf_counter()
 
     log(
-        f"[demo] {task}: poisoning {rate:.0%} of {n_user} samples with '{trigger}', LoRA-fine-tuning the base model"
+        f"[demo] {task}: poisoning {rate:.0%} of {n_user} samples with '{trigger}', fine-tuning the base model ({finetune})"
     )
     cell = prepare_cell(spec, out, weights=weights, progress=progress)
     scores, truth = cell.scores, cell.truth
@@ -124,7 +131,7 @@ def run_demo(
     result = DemoResult(
         task=task, trigger=trigger, target=target, rate=rate, seed=seed, n_train=len(scores.ids),
         n_poisoned=int(truth.sum()), n_image_tokens=int(np.median(scores.n_image_tokens)),
-        n_text_layers=scores.n_layers, method=method, ca_before=before["ca"], asr_before=before["asr"],
+        n_text_layers=scores.n_layers, finetune=finetune, method=method, ca_before=before["ca"], asr_before=before["asr"],
         ca_after=after["ca"], asr_after=after["asr"], n_removed=report.n_removed,
         removed_fraction=m["removed_fraction"], precision=m["precision"], recall=m["recall"], f1=m["f1"],
         reason=det.reason, paper_n_removed=paper.n_flagged, paper_removed_fraction=mp["removed_fraction"],
@@ -151,7 +158,8 @@ def run_demo(
 def summary_table(r: DemoResult) -> str:
     rows = [
         ("task / trigger / poison", f"{r.task} / {r.trigger} / {r.rate:.0%} ({r.n_poisoned} of {r.n_train})"),
-        ("model", f"lab base model, {r.n_image_tokens} image tokens, {r.n_text_layers} text layers, LoRA"),
+        ("model", f"lab base model, {r.n_image_tokens} image tokens, {r.n_text_layers} text layers, "
+                  f"fine-tuned with {r.finetune}"),
         ("clean accuracy before -> after", f"{r.ca_before:.1%} -> {r.ca_after:.1%}"),
         ("attack success before -> after", f"{r.asr_before:.1%} -> {r.asr_after:.1%}"),
         (f"removed ({r.method}, the default)", f"{r.n_removed} ({r.removed_fraction:.1%})"),
