@@ -69,17 +69,17 @@ def run_one(spec: CellSpec, work: str) -> dict:
 
 def specs(args) -> list[CellSpec]:
     out = []
+    fit = {"method": args.method, "n_user": args.n_user, "epochs": args.epochs}  # shared by every cell
     for task in args.tasks:
         for seed in args.seeds:
-            size = {"method": args.method, "n_user": args.n_user, "epochs": args.epochs}
-            out.append(CellSpec(task=task, rate=0.0, seed=seed, **size))  # the clean cell
+            out.append(CellSpec(task=task, rate=0.0, seed=seed, **fit))  # the clean cell
             for target in args.targets:
                 rates = args.rates if target == "phrase" else args.existing_rates
                 triggers = args.triggers if target == "phrase" else [t for t in args.triggers if t in args.existing_triggers]
                 for trigger in triggers:
                     for rate in rates:
                         out.append(CellSpec(task=task, trigger=trigger, rate=rate, seed=seed, target=target,
-                                            **size))  # fmt: skip
+                                            **fit))  # fmt: skip
     return out
 
 

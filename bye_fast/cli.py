@@ -868,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-user", type=_int_at_least(10), default=800,
                    help="fine-tuning samples (default 800; the scene task learns the paper's trigger with the "
                         "tower frozen from about 2000, at 2.5x the time)")  # fmt: skip
+    # bye_fast.lab.train.METHODS, spelled out: the CLI imports the lab only when the demo runs
     p.add_argument("--finetune", default="lora", choices=["lora", "lora-vision", "full"],
                    help="fine-tuning: lora (adapters on the text decoder, tower frozen: the paper's service; "
                         "default), lora-vision (adapters on the vision tower too) or full")  # fmt: skip

@@ -202,3 +202,13 @@ def test_help_and_version_do_not_load_torch():
     assert out.stdout.strip() == "[]"
     version = subprocess.run([sys.executable, "-m", "bye_fast", "--version"], capture_output=True, text=True)
     assert version.stdout.strip() == f"bye-fast {bye_fast.__version__}"
+
+
+def test_demo_finetune_choices_are_the_labs_methods():
+    """The CLI spells the lab's fine-tuning methods out (it imports the lab lazily); they must not drift."""
+    from bye_fast.cli import build_parser
+    from bye_fast.lab.train import METHODS
+
+    demo = next(a for a in build_parser()._subparsers._group_actions[0].choices["demo"]._actions
+                if a.dest == "finetune")  # fmt: skip
+    assert tuple(demo.choices) == METHODS
