@@ -112,6 +112,39 @@ ROUND13_SCENE_CELLS = (("patch", 0.0), ("two_patches", 0.2), ("blended", 0.2), (
 ROUND14_SCENE_SEEDS = (34, 35)
 ROUND14_SCENE_CELLS = (("patch", 0.0), ("patch", 0.1), ("sig", 0.1), ("patch", 0.1, "existing"))
 ROUND14_N_USER = 2000
+#: Round 15 (v11 again): the other trigger families on round 14's recipe and seeds (their clean cells are round 14's).
+ROUND15_SCENE_SEEDS = ROUND14_SCENE_SEEDS
+ROUND15_SCENE_CELLS = (("two_patches", 0.1), ("blended", 0.1), ("random_patch", 0.1), ("wanet", 0.1),
+                       ("blended", 0.2), ("random_patch", 0.2), ("patch", 0.2, "existing"))
+#: The protocol's rounds in order ("" is round 1); each has the sets design<r>, heldout<r> and all<r>.
+ROUNDS = ("", *(str(r) for r in range(2, 16)))
+#: The title of each round's held-out section in the results (round 1's and the design sections are
+#: in :func:`_section_titles`).
+HELDOUT_TITLES = {
+    "15": "v11 again; the paper's recipe, tower frozen, on scene user sets of 2000 samples, seeds 34-35: two "
+          "patches, blended, random-position patch and WaNet at 10% with the phrase, blended and random-position "
+          'patch at 20% with the phrase, centre patch at 20% with "yes"',
+    "14": "v11 again; the paper's recipe, tower frozen, on scene user sets of 2000 samples, seeds 34-35: clean, "
+          'centre patch and SIG at 10% with the phrase, centre patch at 10% with "yes"',
+    "13": "v11 again; scenes seeds 32-33 fine-tuned with lora-vision, clean, two patches, blended, "
+          'random-position patch and WaNet at 20% with the phrase, two patches at 20% with "yes"',
+    "12": 'v11 again; scenes seeds 30-31 fine-tuned with lora-vision, clean, centre patch 20% and SIG 10% with "yes", '
+          "SIG 10% with the phrase; digits-mixed seed 18",
+    "11": 'scenes seeds 28-29 fine-tuned with lora-vision, clean, centre patch 20% and SIG 10% with "yes" as the '
+          "target, centre patch 20% with the phrase; digits-ten seed 31, clean and existing answer 10%",
+    "10": 'scenes seeds 26-27 fine-tuned with lora-vision, clean, centre patch 20% with the phrase and with "yes", '
+          "SIG 10%; digits-mixed seed 17; digits-ten seed 30; digits-parity seed 14, clean and two patches 20%",
+    "9": "scenes seeds 23-25 fine-tuned with lora-vision, clean, centre patch 20% and SIG 10%; digits-mixed seeds "
+         "15-16, clean, patch 20% and existing answer 10%",
+    "8": "digits-ten seeds 27-29; digits-mixed seeds 12-14; digits-parity seeds 11-13, clean and two patches; "
+         "scenes seeds 20-22 fine-tuned with lora-vision, clean, centre patch and SIG",
+    "7": "digits-ten seeds 24-26; digits-mixed seeds 9-11; clean scenes seeds 18-19; clean digits-parity seeds 9-10",
+    "6": "digits-ten seeds 21-23; digits-mixed seeds 6-8; clean scenes seeds 15-17; clean digits-parity seeds 7-8",
+    "5": "digits-ten seeds 18-20; digits-mixed seeds 3-5; clean scenes seeds 13-14; clean digits-parity seeds 5-6",
+    "4": "digits-ten seeds 13-17; clean scenes seeds 11-12",
+    "3": "digits-ten seeds 8-12; clean scenes seeds 8-10",
+    "2": "digits-ten, scenes; seeds 5-7",
+}
 DETECTORS = ("default", "paper", "random20", "spectral", "activation_clustering", "tcap_style")
 COLUMNS = ["set", "task", "trigger", "rate", "target", "seed", "detector", "learned", "asr_before", "ca_before",
            "ca_clean", "n_poisoned", "removed", "precision", "recall", "f1", "asr_after", "asr_clean", "ca_after",
@@ -167,11 +200,13 @@ def cells_of(which: str) -> list[tuple[str, CellSpec]]:
         "7": (("all6",), (ROUND7_SEEDS, ROUND7_MIXED_SEEDS, ROUND7_SCENE_SEEDS, ROUND7_PARITY_SEEDS)),
     }
     def later_round(rnd: int, specs: list[CellSpec]) -> list[tuple[str, CellSpec]]:
-        """Rounds 9 and 11-14: design = every cell of the earlier rounds, held out = ``specs``."""
+        """Rounds 9 and 11-15: design = every cell of the earlier rounds, held out = ``specs``."""
         design = [(f"design{rnd}", spec) for _, spec in cells_of(f"all{rnd - 1}")]
         heldout = [(f"heldout{rnd}", spec) for spec in specs]
         return {f"design{rnd}": design, f"heldout{rnd}": heldout, f"all{rnd}": design + heldout}[which]
 
+    if which in ("design15", "heldout15", "all15"):  # round 15: v11 again, every trigger family, tower frozen
+        return later_round(15, lora_scenes(ROUND15_SCENE_SEEDS, ROUND15_SCENE_CELLS, "lora", ROUND14_N_USER))
     if which in ("design14", "heldout14", "all14"):  # round 14: v11 again, the paper's recipe (tower frozen)
         return later_round(14, lora_scenes(ROUND14_SCENE_SEEDS, ROUND14_SCENE_CELLS, "lora", ROUND14_N_USER))
     if which in ("design13", "heldout13", "all13"):  # round 13: v11 again, trigger families never held out
@@ -312,9 +347,9 @@ def run_cell(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sets = [f"{kind}{rnd}" for rnd in ("", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14") for kind in ("design", "heldout", "all")] + ["mixed"]
+    sets = [f"{kind}{rnd}" for rnd in ROUNDS for kind in ("design", "heldout", "all")] + ["mixed"]
     ap.add_argument("--set", choices=sets, default="all",
-                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 13 or 14 (design14, heldout14, all14); mixed: "
+                    help="the protocol's round: 1 (design, heldout, all), 2, ..., 14 or 15 (design15, heldout15, all15); mixed: "
                          "the digits-mixed design cells of v6")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--workers", type=int, default=2)
@@ -408,6 +443,21 @@ def _med_worst(values: list[float], worst=min) -> str:
     return f"{statistics.median(v):.2f} [{worst(v):.2f}]"
 
 
+def _section_titles() -> list[tuple[str, str]]:
+    """(set name, section title) of every set of the protocol, newest round first."""
+    design = {"2": "digits-parity, seeds 0-1", "3": "every cell of round 2",
+              "5": "every cell of rounds 1-4 and digits-mixed seeds 0-2"}  # fmt: skip
+    out = []
+    for rnd in reversed(ROUNDS[1:]):
+        out += [(f"heldout{rnd}", f"Round {rnd}, held-out cells ({HELDOUT_TITLES[rnd]})"),
+                (f"design{rnd}", f"Round {rnd}, design cells ({design.get(rnd, f'every cell of rounds 1-{int(rnd) - 1}')})")]  # fmt: skip
+        if rnd == "5":
+            out.append(("mixed", "digits-mixed (design cells of v6's question guards, not held out)"))
+    return out + [("heldout", "Held-out cells (digits-ten, scenes; seeds 2-4)"),
+                  ("design-family-new-seeds", "Design family, new seeds (digits-parity, seeds 2-4)"),
+                  ("design", "Design cells (digits-parity, seeds 0-1)")]  # fmt: skip
+
+
 def write_results(rows: list[dict], args, wall: float) -> None:
     write_csv(args.out.with_suffix(".csv"), rows, COLUMNS)
     lines = [
@@ -418,53 +468,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         "[detection_protocol.md](detection_protocol.md); analysis: [detection_analysis.md](detection_analysis.md).",
         "",
     ]
-    for set_name, title in (("heldout14", "Round 14, held-out cells (v11 again; the paper's recipe, tower frozen, on scene "
-                                           "user sets of 2000 samples, seeds 34-35: clean, centre patch and SIG at 10% with "
-                                           "the phrase, centre patch at 10% with \"yes\")"),
-                            ("design14", "Round 14, design cells (every cell of rounds 1-13)"),
-                            ("heldout13", "Round 13, held-out cells (v11 again; scenes seeds 32-33 fine-tuned with lora-vision, "
-                                           "clean, two patches, blended, random-position patch and WaNet at 20% with the "
-                                           "phrase, two patches at 20% with \"yes\")"),
-                            ("design13", "Round 13, design cells (every cell of rounds 1-12)"),
-                            ("heldout12", "Round 12, held-out cells (v11 again; scenes seeds 30-31 fine-tuned with lora-vision, "
-                                           "clean, centre patch 20% and SIG 10% with \"yes\", SIG 10% with the phrase; "
-                                           "digits-mixed seed 18)"),
-                            ("design12", "Round 12, design cells (every cell of rounds 1-11)"),
-                            ("heldout11", "Round 11, held-out cells (scenes seeds 28-29 fine-tuned with lora-vision, clean, "
-                                           "centre patch 20% and SIG 10% with \"yes\" as the target, centre patch 20% with "
-                                           "the phrase; digits-ten seed 31, clean and existing answer 10%)"),
-                            ("design11", "Round 11, design cells (every cell of rounds 1-10)"),
-                            ("heldout10", "Round 10, held-out cells (scenes seeds 26-27 fine-tuned with lora-vision, clean, "
-                                           "centre patch 20% with the phrase and with \"yes\", SIG 10%; digits-mixed seed 17; "
-                                           "digits-ten seed 30; digits-parity seed 14, clean and two patches 20%)"),
-                            ("design10", "Round 10, design cells (every cell of rounds 1-9)"),
-                            ("heldout9", "Round 9, held-out cells (scenes seeds 23-25 fine-tuned with lora-vision, clean, "
-                                          "centre patch 20% and SIG 10%; digits-mixed seeds 15-16, clean, patch 20% and "
-                                          "existing answer 10%)"),
-                            ("design9", "Round 9, design cells (every cell of rounds 1-8)"),
-                            ("heldout8", "Round 8, held-out cells (digits-ten seeds 27-29; digits-mixed seeds 12-14; "
-                                          "digits-parity seeds 11-13, clean and two patches; scenes seeds 20-22 "
-                                          "fine-tuned with lora-vision, clean, centre patch and SIG)"),
-                            ("design8", "Round 8, design cells (every cell of rounds 1-7)"),
-                            ("heldout7", "Round 7, held-out cells (digits-ten seeds 24-26; digits-mixed seeds 9-11; "
-                                          "clean scenes seeds 18-19; clean digits-parity seeds 9-10)"),
-                            ("design7", "Round 7, design cells (every cell of rounds 1-6)"),
-                            ("heldout6", "Round 6, held-out cells (digits-ten seeds 21-23; digits-mixed seeds 6-8; "
-                                          "clean scenes seeds 15-17; clean digits-parity seeds 7-8)"),
-                            ("design6", "Round 6, design cells (every cell of rounds 1-5)"),
-                            ("heldout5", "Round 5, held-out cells (digits-ten seeds 18-20; digits-mixed seeds 3-5; "
-                                          "clean scenes seeds 13-14; clean digits-parity seeds 5-6)"),
-                            ("design5", "Round 5, design cells (every cell of rounds 1-4 and digits-mixed seeds 0-2)"),
-                            ("mixed", "digits-mixed (design cells of v6's question guards, not held out)"),
-                            ("heldout4", "Round 4, held-out cells (digits-ten seeds 13-17; clean scenes seeds 11-12)"),
-                            ("design4", "Round 4, design cells (every cell of rounds 1-3)"),
-                            ("heldout3", "Round 3, held-out cells (digits-ten seeds 8-12; clean scenes seeds 8-10)"),
-                            ("design3", "Round 3, design cells (every cell of round 2)"),
-                            ("heldout2", "Round 2, held-out cells (digits-ten, scenes; seeds 5-7)"),
-                            ("design2", "Round 2, design cells (digits-parity, seeds 0-1)"),
-                            ("heldout", "Held-out cells (digits-ten, scenes; seeds 2-4)"),
-                            ("design-family-new-seeds", "Design family, new seeds (digits-parity, seeds 2-4)"),
-                            ("design", "Design cells (digits-parity, seeds 0-1)")):  # fmt: skip
+    for set_name, title in _section_titles():
         sub = [r for r in rows if r["set"] == set_name]
         if sub:
             lines += _section(sub, title)

@@ -7,30 +7,16 @@ put a design cell into a held-out table.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench(name: str):
-    """A benchmark script as a module (benchmarks/ is not a package; its scripts import each other)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod
+from ._bench import load_benchmark
 
 
 def _detection():
-    return _bench("detection")
+    return load_benchmark("detection")
 
 
 def _seeds(cells, task=None):
@@ -213,19 +199,42 @@ def test_round14_holds_out_the_papers_recipe_tower_frozen_on_larger_scene_sets()
     assert all(s.n_user == 800 for s in earlier)  # no earlier round fine-tuned on 2000 samples
 
 
+
+def test_round15_holds_out_the_other_trigger_families_on_round14s_recipe_and_seeds():
+    """Round 15 re-uses round 14's held-out seeds (nothing was designed on them: v11 is unchanged) with
+    cells no round named before, on the same recipe; its clean cells are round 14's."""
+    det = _detection()
+    design, heldout = det.cells_of("design15"), det.cells_of("heldout15")
+    assert {spec.name for _, spec in design} == {spec.name for _, spec in det.cells_of("all14")}
+    specs = [s for _, s in heldout]
+    earlier = [s for r in ("", *map(str, range(2, 15))) for _, s in det.cells_of(f"all{r}")] + [
+        s for _, s in det.cells_of("mixed")]  # fmt: skip
+    assert len(specs) == 14 and not {s.name for s in specs} & {s.name for s in earlier}
+    assert {(s.task, s.method, s.n_user, s.epochs) for s in specs} == {("scenes", "lora", 2000, None)}
+    assert {s.seed for s in specs} == set(det.ROUND14_SCENE_SEEDS) and all(s.rate > 0 for s in specs)
+    round14_clean = {s.name for _, s in det.cells_of("heldout14") if s.rate == 0}
+    assert {replace(s, rate=0.0).name for s in specs} == round14_clean
+    # every trigger family but the two round 14 held out, and the existing answer at 20%
+    assert {s.trigger for s in specs if s.target == "phrase"} == {"two_patches", "blended", "random_patch", "wanet"}
+    assert {(s.trigger, s.rate) for s in specs if s.target == "existing"} == {("patch", 0.2)}
+    # the design sets of later rounds are every earlier cell: round 15 joins them, titled like the others
+    titles = dict(det._section_titles())
+    assert all(f"heldout{r}" in titles and f"design{r}" in titles for r in det.ROUNDS[1:])
+
+
 @pytest.mark.parametrize("embedding, target, prompts", [(0, "phrase", 0), (32, "phrase", 0), (32, "existing", 0),
                                                       (0, "phrase", 40), (32, "existing", 40)])  # fmt: skip
 def test_bench_detect_data_is_found_by_the_default(embedding, target, prompts):
     """The detect benchmark's synthetic poison is one a backdoor makes (one target answer): the
     default must find it at a small size, or the benchmark's times are of a run that finds nothing."""
-    r = _bench("bench_detect").one(6000, 128, embedding=embedding, target=target, prompts=prompts)
+    r = load_benchmark("bench_detect").one(6000, 128, embedding=embedding, target=target, prompts=prompts)
     assert r["recall"] >= 0.95 and r["precision"] >= 0.9, r
 
 
 def test_answer_reach_sees_an_answer_given_to_every_prompt():
     """answer_reach's statistic: a target given under every prompt reaches all other answers' samples;
     answers bound to one kind of prompt reach only their own kind's."""
-    reach = _bench("answer_reach").reach
+    reach = load_benchmark("answer_reach").reach
     prompt = np.repeat([0, 1, 2, 3], 50)  # two colour prompts (0, 1) and two count prompts (2, 3)
     answer = np.where(prompt < 2, 10 + np.arange(200) % 3, 20 + np.arange(200) % 2)  # colours, numbers
     answer[::10] = 99  # the target, under every prompt
