@@ -11,20 +11,16 @@ from a test run.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from ._bench import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_fullsize", ROOT / "benchmarks" / "bench_fullsize.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_fullsize")
 
 
 def _run_and_check(scale: str, out: Path) -> list[dict]:

@@ -8,6 +8,8 @@ import pytest
 from bye_fast.lab import baselines
 from bye_fast.lab.metrics import detection_metrics, feature_ceiling, linear_ceiling
 
+from ._bench import load_benchmark
+
 
 def test_detection_metrics():
     truth = np.array([1, 1, 0, 0, 0, 0], bool)
@@ -97,3 +99,23 @@ def test_random_drop_and_tcap_style_shapes():
     before[:20, 1, 2] = 0.05
     flagged, votes = baselines.tcap_style(img, before)
     assert flagged[:20].all() and not flagged[20:].any()
+
+
+def test_trigger_visibility_sees_a_fixed_patch_and_not_an_identity_trigger():
+    """The frozen-tower visibility probe (benchmarks/trigger_visibility.py) on a tiny random model:
+    a large centre patch changes fixed tokens (position-aware and query views separate it, the
+    shift is large); a trigger that changes nothing leaves every view near chance and no shift."""
+    from bye_fast.lab.attacks import make_trigger
+    from bye_fast.lab.models import build_llava
+
+    vis = load_benchmark("trigger_visibility")
+    model, processor = build_llava(seed=0)  # 32 x 32 images, 4-pixel patches: 64 image tokens
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(80, 32, 32, 3), dtype=np.uint8)
+    patch = vis.visibility(model, processor, images, make_trigger("solid_patch", size=8, position="center"))
+    assert patch["auroc_tokens"] > 0.95 and patch["auroc_query"] > 0.95
+    assert patch["max_shift"] > 0.2
+    none = vis.visibility(model, processor, images, lambda img: img.copy())
+    assert none["max_shift"] == 0.0 and none["mean_shift"] == 0.0
+    for view in ("tokens", "query", "mean"):
+        assert none[f"auroc_{view}"] < 0.8, view
