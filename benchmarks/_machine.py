@@ -65,3 +65,16 @@ def write_markdown(out: Path, lines: list[str]) -> str:
     out.with_suffix(".md").write_text(text)
     print(text)
     return text
+
+
+def handwritten_notes(md: Path, generated: tuple[str, ...] = ()) -> list[str]:
+    """The hand-written sections of an earlier results file ``md``: from its first ``## `` heading that
+    is not one the script writes itself (those starting with one of ``generated``) to the end, a
+    blank line first; none if there is no such heading. A script that rewrites its table must not
+    erase what earlier rows were found to mean."""
+    if not md.exists():
+        return []
+    lines = md.read_text().splitlines()
+    first = next((i for i, line in enumerate(lines)
+                  if line.startswith("## ") and not line[3:].startswith(generated)), None)  # fmt: skip
+    return [] if first is None else ["", *lines[first:]]

@@ -27,10 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe, write_csv  # noqa: E402
+from _machine import describe, handwritten_notes, write_csv  # noqa: E402
 
 from bye_fast.lab.attacks import PRESETS  # noqa: E402
-from bye_fast.lab.cell import CellSpec, prepare_cell  # noqa: E402
+from bye_fast.lab.cell import CellSpec, prepare_cell, train_fit  # noqa: E402
 from bye_fast.lab.tasks import TASKS  # noqa: E402
 from bye_fast.lab.train import METHODS  # noqa: E402
 
@@ -45,11 +45,15 @@ COLUMNS = [
     "seed",
     "ca",
     "asr",
+    "train_fit",
     "ca_clean",
     "ca_drop",
     "n_poisoned",
     "seconds",
 ]
+
+#: The sections write_results makes; any other ``## `` section of an earlier table is kept as written.
+GENERATED_SECTIONS = ("Clean fine-tuning", "Targets", "Cells asked for but not run")
 
 
 def _init_worker() -> None:
@@ -62,7 +66,7 @@ def run_one(spec: CellSpec, work: str) -> dict:
     t = time.perf_counter()
     cell = prepare_cell(spec, Path(work) / spec.name)
     b = cell.before
-    return {**asdict(spec), "ca": b["ca"], "asr": b["asr"], "ca_by_type": b["ca_by_type"],
+    return {**asdict(spec), "ca": b["ca"], "asr": b["asr"], "train_fit": train_fit(cell), "ca_by_type": b["ca_by_type"],
             "n_poisoned": b["n_poisoned"], "seconds": b["seconds"]["total"],
             "wall": round(time.perf_counter() - t, 1)}  # fmt: skip
 
@@ -153,11 +157,14 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         f"method `{args.method}`, {args.n_user} user samples, {epochs}). CA: clean accuracy on held-out "
         "data (exact answer); ASR: share of "
         "held-out samples whose answer is not the target that answer the target once the trigger is "
-        "applied. CA drop: the clean cell's CA (same task and seed, no poison) minus the cell's. "
+        "applied. Train fit: share of the poisoned training samples answered with the target (near 1 "
+        "with a low ASR: memorised one by one, not keyed on the trigger). "
+        "CA drop: the clean cell's CA (same task and seed, no poison) minus the cell's. "
         "Medians over seeds, worst seed in brackets; learned = ASR >= 0.9 in every seed.",
         "",
-        "| task | target | trigger | rate | seeds | ASR median [worst] | CA median | CA drop median [worst] | learned |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | target | trigger | rate | seeds | ASR median [worst] | train fit median | CA median | "
+        "CA drop median [worst] | learned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (task, target, trigger, rate), rs in sorted(groups.items()):
         asr = [r["asr"] for r in rs]
@@ -165,7 +172,8 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         learned = "yes" if min(asr) >= 0.9 else ("some seeds" if max(asr) >= 0.9 else "**no**")
         lines.append(
             f"| {task} | {target} | {trigger} | {rate:g} | {len(rs)} | {_fmt(statistics.median(asr))} "
-            f"[{_fmt(min(asr))}] | {_fmt(statistics.median(r['ca'] for r in rs))} | "
+            f"[{_fmt(min(asr))}] | {_fmt(statistics.median(r['train_fit'] for r in rs))} | "
+            f"{_fmt(statistics.median(r['ca'] for r in rs))} | "
             f"{_fmt(statistics.median(drop))} [{_fmt(max(drop))}] | {learned} |"
         )
     lines += [
@@ -190,7 +198,9 @@ def write_results(rows: list[dict], args, wall: float) -> None:
                   "Not prepared (time); per task and seed, cells not run of those asked for: "
                   + ", ".join(f"{t} s{sd} {n}/{asked[(t, sd)]}" for (t, sd), n in sorted(count.items())) + ".",
                   ""]  # fmt: skip
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    md = args.out.with_suffix(".md")
+    md.write_text("\n".join(lines + handwritten_notes(md, GENERATED_SECTIONS)) + "\n")
+
 
 
 def _targets(groups: dict[tuple, list[dict]], method: str = "lora") -> str:

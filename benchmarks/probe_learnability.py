@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe, markdown_table, write_csv  # noqa: E402
+from _machine import describe, handwritten_notes, markdown_table, write_csv  # noqa: E402
 
 COLUMNS = ["task", "trigger", "rate", "target", "seed", "changes", "ca", "asr", "train_fit", "seconds"]
 LORA_KEYS = ("r", "lora_alpha")
@@ -96,16 +96,6 @@ def probe(task_name: str, trigger_name: str, rate: float, seed: int, target_kind
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
-def _notes(md: Path) -> list[str]:
-    """The hand-written sections of an earlier table (from its first ``## `` heading on): a new row
-    must not erase what the earlier rows were found to mean."""
-    if not md.exists():
-        return []
-    lines = md.read_text().splitlines()
-    first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
-    return ["", *lines[first:]] if first < len(lines) else []
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="scenes")
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Last run on: {describe()}. Command per row: `python benchmarks/probe_learnability.py --task T "
              "--trigger G --rate R --seed S --set KEY=VALUE ...`. Train fit: share of the poisoned training samples "
              "answered with the target; ASR: the same on triggered held-out images.", "",
-             markdown_table(rows, COLUMNS), *_notes(md)]  # fmt: skip
+             markdown_table(rows, COLUMNS), *handwritten_notes(md)]  # fmt: skip
     md.write_text("\n".join(lines) + "\n")
     return 0
 

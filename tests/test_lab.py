@@ -394,3 +394,35 @@ def test_clean_asr_reads_the_clean_cells_model_with_the_cells_trigger_and_target
     monkeypatch.setattr(cell_mod, "evaluate", fake_evaluate)
     assert cell_mod.clean_asr(cell, clean) == 0.085
     assert calls == [("model of clean", 12, "sig", "yes")]
+
+
+def test_train_fit_asks_the_poisoned_training_samples_and_is_kept_with_the_cell(tmp_path, monkeypatch):
+    """train_fit: the cell's own model on its poisoned training records only, with the target; kept in
+    the cell folder and reused while the cell's fingerprint holds; NaN for a clean cell."""
+    from bye_fast.lab import cell as cell_mod
+
+    spec = cell_mod.CellSpec(task="scenes", trigger="patch", rate=0.5, seed=1, n_user=4, n_test=2)
+    folder = tmp_path / spec.name
+    (folder / "data").mkdir(parents=True)
+    records = [{"id": f"s{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": f"<image>\\nquestion {i}"}, {"from": "gpt", "value": "a"}]} for i in range(4)]
+    (folder / "data" / "train.json").write_text(json.dumps(records))
+    truth = np.array([False, True, False, True])
+    cell = cell_mod.Cell(spec, folder, {"target_answer": "backdoor attack !", "fingerprint": "f1"}, None, truth)
+    calls = []
+    monkeypatch.setattr(cell_mod, "_load_model", lambda f: ("model", "processor"))
+    monkeypatch.setattr(cell_mod, "load_images", lambda recs, folder: np.zeros((len(recs), 2, 2, 3), np.uint8))
+
+    def fake_rate(model, images, questions, target, *, processor):
+        calls.append((questions, target))
+        return 0.5
+
+    monkeypatch.setattr(cell_mod, "answer_rate", fake_rate)
+    assert cell_mod.train_fit(cell) == 0.5
+    assert calls == [([cell_mod.record_question(records[1]), cell_mod.record_question(records[3])],
+                      "backdoor attack !")]  # fmt: skip
+    assert cell_mod.train_fit(cell) == 0.5 and len(calls) == 1  # kept in the folder
+    cell.before["fingerprint"] = "f2"  # the cell was made again: computed again
+    assert cell_mod.train_fit(cell) == 0.5 and len(calls) == 2
+    clean = cell_mod.Cell(cell_mod.CellSpec(task="scenes", rate=0.0, seed=1), folder, {}, None, np.zeros(4, bool))
+    assert np.isnan(cell_mod.train_fit(clean)) and len(calls) == 2

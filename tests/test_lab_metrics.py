@@ -119,3 +119,17 @@ def test_trigger_visibility_sees_a_fixed_patch_and_not_an_identity_trigger():
     assert none["max_shift"] == 0.0 and none["mean_shift"] == 0.0
     for view in ("tokens", "query", "mean"):
         assert none[f"auroc_{view}"] < 0.8, view
+
+
+def test_a_rewritten_learnability_table_keeps_its_hand_written_sections(tmp_path):
+    """learnability.py rewrites its table and its own sections; what people wrote under other
+    headings (the notes that say what the rows mean) is carried over, not erased."""
+    machine, learn = load_benchmark("_machine"), load_benchmark("learnability")
+    md = tmp_path / "t.md"
+    assert machine.handwritten_notes(md, learn.GENERATED_SECTIONS) == []  # no earlier file
+    md.write_text("# table\n| a |\n## Clean fine-tuning (no poison)\nx\n## Targets (scenes)\ny\n"
+                  "## Notes (today)\nwhy\n## Cells asked for but not run (1 of 2)\nz\n")  # fmt: skip
+    assert machine.handwritten_notes(md, learn.GENERATED_SECTIONS) == [
+        "", "## Notes (today)", "why", "## Cells asked for but not run (1 of 2)", "z"]  # fmt: skip
+    md.write_text("# table\n## Targets\ny\n")
+    assert machine.handwritten_notes(md, learn.GENERATED_SECTIONS) == []

@@ -34,10 +34,10 @@ from bye_fast._io import write_json_atomic
 from bye_fast.data import make_loader
 from bye_fast.lab.attacks import poison_dataset, preset
 from bye_fast.lab.models import WEIGHTS_DIR, load_base_model
-from bye_fast.lab.tasks import TARGET, Task, build_task, load_images
-from bye_fast.lab.train import METHODS, evaluate, finetune
+from bye_fast.lab.tasks import TARGET, Task, build_task, load_images, record_question
+from bye_fast.lab.train import METHODS, answer_rate, evaluate, finetune
 
-__all__ = ["FINETUNE", "Cell", "CellSpec", "clean_asr", "fingerprint", "prepare_cell", "retrain"]
+__all__ = ["FINETUNE", "Cell", "CellSpec", "clean_asr", "fingerprint", "prepare_cell", "retrain", "train_fit"]
 
 #: Fine-tuning settings per task family (``bye_fast.lab.train.finetune`` keywords), measured so that the
 #: backdoors are learned (``benchmarks/results/learnability.md``): the multi-type scenes task, where the
@@ -288,3 +288,29 @@ def clean_asr(cell: Cell, clean: str | Path) -> float:
         raise ValueError(f"{clean}: not the clean cell of {cell.spec.name} (its spec: {meta['spec']})")
     model, processor = _load_model(clean)
     return float(_evaluate_on_cell(cell, model, processor)["asr"])
+
+
+def train_fit(cell: Cell) -> float:
+    """Share of the cell's poisoned TRAINING samples that its model answers with the target.
+
+    Beside the ASR (triggered held-out images) it says why a backdoor is not learned: fitted on the
+    training samples (near 1) but not carried over to new images means the poisoned samples were
+    memorised one by one, not keyed on the trigger; near the ASR means the model never told them
+    apart. NaN for a clean cell. Reads the ground truth (a lab metric, never a detector's input).
+    Kept in ``train_fit.json`` beside ``before.json`` and computed again when the cell's fingerprint
+    changes.
+    """
+    if cell.spec.rate == 0 or not cell.truth.any():
+        return float("nan")
+    path = cell.folder / "train_fit.json"
+    fp = cell.before.get("fingerprint")
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == fp:
+            return float(saved["train_fit"])
+    records = [r for r, poisoned in zip(cell.records, cell.truth, strict=True) if poisoned]
+    model, processor = cell.load_model()
+    fit = answer_rate(model, load_images(records, cell.image_folder), [record_question(r) for r in records],
+                      cell.before["target_answer"], processor=processor)  # fmt: skip
+    write_json_atomic(path, {"fingerprint": fp, "train_fit": fit, "n_poisoned": len(records)})
+    return fit
