@@ -199,6 +199,8 @@ def write_results(rows: list[dict], args, wall: float) -> None:
                   + ", ".join(f"{t} s{sd} {n}/{asked[(t, sd)]}" for (t, sd), n in sorted(count.items())) + ".",
                   ""]  # fmt: skip
     md = args.out.with_suffix(".md")
+    while lines and not lines[-1]:
+        lines.pop()
     md.write_text("\n".join(lines + handwritten_notes(md, GENERATED_SECTIONS)) + "\n")
 
 

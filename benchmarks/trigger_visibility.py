@@ -39,7 +39,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import describe, markdown_table, write_csv, write_markdown  # noqa: E402
+from _machine import describe, handwritten_notes, markdown_table, write_csv, write_markdown  # noqa: E402
 
 VIEWS = ("tokens", "query", "mean")
 COLUMNS = ["task", "trigger", "seed", "n", *(f"auroc_{v}" for v in VIEWS), "max_shift", "mean_shift"]
@@ -199,6 +199,7 @@ def main() -> None:
         "",
         markdown_table(summary, ["trigger", "seeds", *(f"auroc_{v}" for v in VIEWS), "max_shift", "mean_shift",
                                  "ASR (10%, tower frozen)"]),  # fmt: skip
+        *handwritten_notes(out.with_suffix(".md")),
     ])
 
 
