@@ -204,7 +204,6 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     md.write_text("\n".join(lines + handwritten_notes(md, GENERATED_SECTIONS)) + "\n")
 
 
-
 def _targets(groups: dict[tuple, list[dict]], method: str = "lora") -> str:
     """The issue's targets on the scene task at 10% (fixed phrase): met or missed, said plainly."""
     out = [f"## Targets (scenes, 10% poison, fixed phrase; method {method})", ""]

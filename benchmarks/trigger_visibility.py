@@ -104,9 +104,9 @@ def visibility(model, processor, images: np.ndarray, trigger, *, folds: int = 5,
         with torch.no_grad():
             return vision_features(model, pv).float().numpy()
 
-    clean = feats(images[clean_idx])
+    before = feats(images)  # every image untriggered, once
+    clean, same_clean = before[clean_idx], before[trig_idx]  # same_clean: the triggered half before the trigger
     triggered = feats([trigger(images[i]) for i in trig_idx])
-    same_clean = feats(images[trig_idx])  # the triggered images before the trigger
     x = np.concatenate([clean, triggered])
     y = np.r_[np.zeros(len(clean)), np.ones(len(triggered))].astype(int)
     scale = float(np.median(np.linalg.norm(same_clean, axis=-1)))
@@ -123,19 +123,15 @@ def visibility(model, processor, images: np.ndarray, trigger, *, folds: int = 5,
 
 
 def _learned_asr(task: str) -> dict[str, str]:
-    """ASR median [worst] per trigger (phrase target, 10%) from the learnability tables, where they have one."""
+    """ASR median [worst] per trigger (phrase target, 10%) from ``learnability_scenes_2000.csv``, where it has one."""
     import csv
 
     found: dict[str, list[float]] = {}
-    for name in ("learnability_scenes_2000.csv",):
-        path = HERE / "results" / name
-        if not path.exists():
-            continue
-        with open(path) as f:
-            for r in csv.DictReader(f):
-                if r.get("task") == task and r.get("target") == "phrase" and r.get("rate") in ("0.1", "0.10"):
-                    if r.get("asr") not in (None, "", "nan"):
-                        found.setdefault(r["trigger"], []).append(float(r["asr"]))
+    path = HERE / "results" / "learnability_scenes_2000.csv"
+    rows = list(csv.DictReader(path.read_text().splitlines())) if path.exists() else []
+    for r in rows:
+        if (r["task"], r["target"], float(r["rate"])) == (task, "phrase", 0.1) and r["asr"] not in ("", "nan"):
+            found.setdefault(r["trigger"], []).append(float(r["asr"]))
     return {k: f"{np.median(v):.2f} [{min(v):.2f}] ({len(v)} seeds)" for k, v in found.items()}
 
 
@@ -150,13 +146,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "trigger_visibility"))
     args = ap.parse_args()
 
-    import torch
-
     from bye_fast.lab.attacks import preset
     from bye_fast.lab.models import load_base_model
     from bye_fast.lab.tasks import build_task
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, processor = load_base_model()
     rows = []
     t0 = time.perf_counter()
