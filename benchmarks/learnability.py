@@ -11,7 +11,10 @@ and reused by later runs (and by ``benchmarks/detection.py``); they run in
 ``--workers`` processes with one torch thread each.
 
 Writes ``benchmarks/results/learnability.csv`` (one row per cell) and
-``learnability.md`` (medians over seeds, the targets, the machine).
+``learnability.md`` (medians over seeds, the targets, the machine). With ``--held-out N``
+(scenes only) CA and ASR are measured again on N held-out samples
+(``bye_fast.lab.cell.held_out``): the CA drop is then paired with the clean cell's answers to the
+same questions and given with its standard error.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _machine import describe, handwritten_notes, write_csv  # noqa: E402
 
 from bye_fast.lab.attacks import PRESETS  # noqa: E402
-from bye_fast.lab.cell import CellSpec, prepare_cell, train_fit  # noqa: E402
+from bye_fast.lab.cell import CellSpec, held_out, prepare_cell, train_fit  # noqa: E402
 from bye_fast.lab.tasks import TASKS  # noqa: E402
 from bye_fast.lab.train import METHODS  # noqa: E402
 
@@ -51,9 +56,11 @@ COLUMNS = [
     "n_poisoned",
     "seconds",
 ]
+#: Added with ``--held-out N``: the same measures on N held-out samples, the CA drop paired.
+HELD_OUT_COLUMNS = ["n_held_out", "ca_held_out", "asr_held_out", "ca_drop_held_out", "ca_drop_held_out_se"]
 
 #: The sections write_results makes; any other ``## `` section of an earlier table is kept as written.
-GENERATED_SECTIONS = ("Clean fine-tuning", "Targets", "Cells asked for but not run")
+GENERATED_SECTIONS = ("Clean fine-tuning", "Targets", "Cells asked for but not run", "A larger held-out set")
 
 
 def _init_worker() -> None:
@@ -62,13 +69,16 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def run_one(spec: CellSpec, work: str) -> dict:
+def run_one(spec: CellSpec, work: str, n_held_out: int = 0) -> dict:
     t = time.perf_counter()
     cell = prepare_cell(spec, Path(work) / spec.name)
     b = cell.before
-    return {**asdict(spec), "ca": b["ca"], "asr": b["asr"], "train_fit": train_fit(cell), "ca_by_type": b["ca_by_type"],
-            "n_poisoned": b["n_poisoned"], "seconds": b["seconds"]["total"],
-            "wall": round(time.perf_counter() - t, 1)}  # fmt: skip
+    row = {**asdict(spec), "ca": b["ca"], "asr": b["asr"], "train_fit": train_fit(cell), "ca_by_type": b["ca_by_type"],
+           "n_poisoned": b["n_poisoned"], "seconds": b["seconds"]["total"]}  # fmt: skip
+    if n_held_out:
+        ho = held_out(cell, n_held_out)
+        row.update(n_held_out=n_held_out, ca_held_out=ho["ca"], asr_held_out=ho["asr"], hits=ho["hits"])
+    return {**row, "wall": round(time.perf_counter() - t, 1)}
 
 
 def specs(args) -> list[CellSpec]:
@@ -109,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="results prefix: writes .csv and .md (default benchmarks/results/learnability)")  # fmt: skip
     ap.add_argument("--existing-only", action="store_true",
                     help="only cells already prepared under --work (the others are listed as not run)")  # fmt: skip
+    ap.add_argument("--held-out", type=int, default=0, metavar="N",
+                    help="also measure CA and ASR on N held-out samples, the CA drop paired with the clean "
+                         "cell's (scenes only; default 0: off)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.held_out and set(args.tasks) != {"scenes"}:
+        ap.error("--held-out needs --tasks scenes (the digits tasks have no held-out data to spare)")
     todo = specs(args)
     args.not_run = []
     if args.existing_only:
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
-        futures = [pool.submit(run_one, s, str(args.work)) for s in todo]
+        futures = [pool.submit(run_one, s, str(args.work), args.held_out) for s in todo]
         for k, f in enumerate(futures):
             r = f.result()
             rows.append(r)
@@ -139,7 +154,10 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     for r in rows:
         r["ca_clean"] = clean.get((r["task"], r["seed"]), float("nan"))
         r["ca_drop"] = r["ca_clean"] - r["ca"]
-    write_csv(args.out.with_suffix(".csv"), rows, COLUMNS)
+    held = bool(getattr(args, "held_out", 0))
+    if held:
+        _pair_held_out(rows)
+    write_csv(args.out.with_suffix(".csv"), rows, COLUMNS + (HELD_OUT_COLUMNS if held else []))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["rate"] > 0:
@@ -186,7 +204,9 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     for r in sorted((r for r in rows if r["rate"] == 0), key=lambda r: (r["task"], r["seed"])):
         by = ", ".join(f"{k} {v:.2f}" for k, v in r["ca_by_type"].items())
         lines.append(f"| {r['task']} | {r['seed']} | {r['ca']:.3f} | {by} |")
-    lines += ["", _targets(groups, args.method), ""]
+    if held:
+        lines += ["", *_held_out_table(groups, args.held_out)]
+    lines += ["", _targets(groups, args.method, held_out=args.held_out if held else 0), ""]
     if args.not_run:
         count: dict[tuple, int] = {}
         for spec in args.not_run:
@@ -204,27 +224,76 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     md.write_text("\n".join(lines + handwritten_notes(md, GENERATED_SECTIONS)) + "\n")
 
 
-def _targets(groups: dict[tuple, list[dict]], method: str = "lora") -> str:
-    """The issue's targets on the scene task at 10% (fixed phrase): met or missed, said plainly."""
+def _pair_held_out(rows: list[dict]) -> None:
+    """Each cell's CA drop on the larger held-out set, paired with its clean cell's answers to the same
+    questions: the mean of (clean right) - (cell right) and its standard error over the questions."""
+    clean = {(r["task"], r["seed"]): r for r in rows if r["rate"] == 0 and "hits" in r}
+    for r in rows:
+        ref = clean.get((r["task"], r["seed"]))
+        if "hits" not in r or ref is None or len(ref["hits"]) != len(r["hits"]):
+            r["ca_drop_held_out"] = r["ca_drop_held_out_se"] = float("nan")
+            continue
+        d = ref["hits"].astype(float) - r["hits"].astype(float)
+        r["ca_drop_held_out"] = float(d.mean())
+        r["ca_drop_held_out_se"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def _held_out_table(groups: dict[tuple, list[dict]], n: int) -> list[str]:
+    lines = [
+        f"## A larger held-out set ({n} samples per cell)",
+        "",
+        f"The same cells measured again on {n} held-out samples of the task's test stream (the first 297 are "
+        "the cells' own test set; `bye_fast.lab.cell.held_out`). CA drop: paired with the clean cell's "
+        "answers to the same questions; ± its standard error over the questions (worst seed's).",
+        "",
+        "| task | target | trigger | rate | seeds | ASR per seed | ASR median [worst] | CA drop per seed | "
+        "CA drop median [worst ± SE] | learned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, target, trigger, rate), rs in sorted(groups.items()):
+        rs = [r for r in rs if "asr_held_out" in r]
+        if not rs:
+            continue
+        asr = [r["asr_held_out"] for r in rs]
+        drop = [r["ca_drop_held_out"] for r in rs]
+        worst = max(rs, key=lambda r: r["ca_drop_held_out"])
+        learned = "yes" if min(asr) >= 0.9 else ("some seeds" if max(asr) >= 0.9 else "**no**")
+        lines.append(
+            f"| {task} | {target} | {trigger} | {rate:g} | {len(rs)} | {', '.join(_fmt(a) for a in asr)} | "
+            f"{_fmt(statistics.median(asr))} [{_fmt(min(asr))}] | "
+            f"{', '.join(f'{d * 100:.1f}' for d in drop)} | {statistics.median(drop) * 100:.1f} "
+            f"[{worst['ca_drop_held_out'] * 100:.1f} ± {worst['ca_drop_held_out_se'] * 100:.1f}] points | {learned} |"
+        )
+    return lines
+
+
+def _targets(groups: dict[tuple, list[dict]], method: str = "lora", held_out: int = 0) -> str:
+    """The issue's targets on the scene task at 10% (fixed phrase): met or missed, said plainly; with
+    ``held_out``, judged again on the larger held-out set."""
     out = [f"## Targets (scenes, 10% poison, fixed phrase; method {method})", ""]
-    learned = {}
-    for trigger in TRIGGERS:
-        rs = groups.get(("scenes", "phrase", trigger, 0.1), [])
-        if rs:
-            learned[trigger] = (statistics.median(r["asr"] for r in rs) >= 0.9,
-                                max(r["ca_drop"] for r in rs))  # fmt: skip
-    if "patch" in learned:
-        ok, drop = learned["patch"]
-        out.append(f"- the paper's centre patch learned (median ASR >= 0.9): {'met' if ok else '**missed**'}")
-    others = [t for t in TRIGGERS[1:] if t in learned]
-    n_ok = sum(learned[t][0] for t in others)
-    out.append(f"- at least 4 of the 5 other trigger families learned: {n_ok} of {len(others)} "
-               f"({'met' if n_ok >= 4 else '**missed**'})")  # fmt: skip
-    drops = [learned[t][1] for t in learned if learned[t][0]]
-    if drops:
-        worst = max(drops)
-        out.append(f"- CA within 3 points of clean fine-tuning (learned triggers, worst seed): worst drop "
-                   f"{worst * 100:.1f} points ({'met' if worst <= 0.03 else '**missed**'})")  # fmt: skip
+    measures = [("", "asr", "ca_drop")]
+    if held_out:
+        measures.append((f" (on {held_out} held-out samples)", "asr_held_out", "ca_drop_held_out"))
+    for label, asr_key, drop_key in measures:
+        learned = {}
+        for trigger in TRIGGERS:
+            rs = [r for r in groups.get(("scenes", "phrase", trigger, 0.1), []) if asr_key in r]
+            if rs:
+                learned[trigger] = (statistics.median(r[asr_key] for r in rs) >= 0.9,
+                                    max(r[drop_key] for r in rs))  # fmt: skip
+        if "patch" in learned:
+            ok, drop = learned["patch"]
+            out.append(f"- the paper's centre patch learned (median ASR >= 0.9){label}: "
+                       f"{'met' if ok else '**missed**'}")  # fmt: skip
+        others = [t for t in TRIGGERS[1:] if t in learned]
+        n_ok = sum(learned[t][0] for t in others)
+        out.append(f"- at least 4 of the 5 other trigger families learned{label}: {n_ok} of {len(others)} "
+                   f"({'met' if n_ok >= 4 else '**missed**'})")  # fmt: skip
+        drops = [learned[t][1] for t in learned if learned[t][0]]
+        if drops:
+            worst = max(drops)
+            out.append(f"- CA within 3 points of clean fine-tuning (learned triggers, worst seed){label}: worst "
+                       f"drop {worst * 100:.1f} points ({'met' if worst <= 0.03 else '**missed**'})")  # fmt: skip
     return "\n".join(out)
 
 

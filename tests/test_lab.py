@@ -249,6 +249,9 @@ def test_evaluate_counts_exact_answers(tiny_base):
     )
     truth = [tasks.record_answer(r) for r in split.records]
     assert res["ca"] == pytest.approx(np.mean([p == t for p, t in zip(pred, truth, strict=True)]))
+    assert "hits" not in res
+    hits = train.evaluate(model, split, processor=proc, per_sample=True)["hits"]
+    assert hits.dtype == bool and hits.tolist() == [p == t for p, t in zip(pred, truth, strict=True)]
 
 
 # --------------------------------------------------------------------------- triggers of the lab
@@ -394,6 +397,45 @@ def test_clean_asr_reads_the_clean_cells_model_with_the_cells_trigger_and_target
     monkeypatch.setattr(cell_mod, "evaluate", fake_evaluate)
     assert cell_mod.clean_asr(cell, clean) == 0.085
     assert calls == [("model of clean", 12, "sig", "yes")]
+
+
+def test_held_out_measures_a_larger_test_set_with_per_sample_hits_and_keeps_it(tmp_path, monkeypatch):
+    """held_out: the cell's model on n_test samples of the task's test stream, with the cell's trigger
+    and target; hits kept per sample (to pair two cells); one entry per size, reused while the
+    fingerprint holds, computed again when it changes; a size below 1 is refused."""
+    from bye_fast.lab import cell as cell_mod
+
+    spec = cell_mod.CellSpec(task="scenes", trigger="sig", rate=0.1, seed=3, n_user=2000)
+    folder = tmp_path / spec.name
+    folder.mkdir()
+    cell = cell_mod.Cell(spec, folder, {"target_answer": "yes", "fingerprint": "f1"}, None, np.zeros(4, bool))
+    calls, seen = [], []
+    monkeypatch.setattr(cell_mod, "_load_model", lambda f: (f"model of {f.name}", "processor"))
+
+    def fake_evaluate(model, test, *, processor, trigger, target, per_sample):
+        calls.append((model, len(test), repr(trigger), target, per_sample))
+        seen.append(test)
+        hits = np.arange(len(test)) % 3 == 0
+        return {"ca": float(hits.mean()), "ca_by_type": {"count": 0.25}, "asr": 0.5, "hits": hits}
+
+    monkeypatch.setattr(cell_mod, "evaluate", fake_evaluate)
+    res = cell_mod.held_out(cell, 7)
+    assert calls == [(f"model of {spec.name}", 7, repr(cell_mod.preset("sig")), "yes", True)]
+    assert res["n_test"] == 7 and res["asr"] == 0.5 and res["ca_by_type"] == {"count": 0.25}
+    assert res["hits"].tolist() == [True, False, False, True, False, False, True] and res["ca"] == 3 / 7
+    # the test stream of the task and seed, independent of the user data's size
+    want = cell_mod.build_task("scenes", 3, n_user=0, n_test=7).test
+    cell_mod.held_out(cell, 9)  # another size: evaluated again, its first samples the same
+    assert len(calls) == 2 and [r["id"] for r in seen[-1].records[:7]] == [r["id"] for r in want.records]
+    assert np.array_equal(seen[-1].images[:7], want.images) and np.array_equal(seen[0].images, want.images)
+    n = len(calls)
+    again = cell_mod.held_out(cell, 7)
+    assert len(calls) == n and again["hits"].tolist() == res["hits"].tolist()  # kept in the folder
+    cell.before["fingerprint"] = "f2"  # the cell was made again: computed again
+    cell_mod.held_out(cell, 7)
+    assert len(calls) > n
+    with pytest.raises(ValueError, match="n_test must be >= 1; got 0"):
+        cell_mod.held_out(cell, 0)
 
 
 def test_train_fit_asks_the_poisoned_training_samples_and_is_kept_with_the_cell(tmp_path, monkeypatch):

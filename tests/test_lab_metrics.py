@@ -133,3 +133,37 @@ def test_a_rewritten_learnability_table_keeps_its_hand_written_sections(tmp_path
         "", "## Notes (today)", "why", "## Cells asked for but not run (1 of 2)", "z"]  # fmt: skip
     md.write_text("# table\n## Targets\ny\n")
     assert machine.handwritten_notes(md, learn.GENERATED_SECTIONS) == []
+
+
+def test_learnability_pairs_the_held_out_ca_drop_with_the_clean_cell_and_judges_the_targets_on_it(tmp_path):
+    """--held-out N: a cell's CA drop is the mean of (clean right - cell right) over the same
+    questions, with its standard error; the table and the targets use it beside the 297 measure."""
+    from argparse import Namespace
+
+    learn = load_benchmark("learnability")
+    clean_hits = np.array([1, 1, 1, 1, 0, 0, 1, 0], bool)
+    cell_hits = np.array([1, 0, 1, 1, 0, 1, 0, 0], bool)
+
+    def row(trigger, rate, seed, asr, hits, asr_ho):
+        return {"task": "scenes", "trigger": trigger, "rate": rate, "target": "phrase", "seed": seed, "ca": hits.mean(),
+                "asr": asr, "train_fit": 1.0, "ca_by_type": {}, "n_poisoned": 1, "seconds": 1.0, "n_held_out": 8,
+                "ca_held_out": hits.mean(), "asr_held_out": asr_ho, "hits": hits}  # fmt: skip
+
+    rows = [row("patch", 0.0, 2, float("nan"), clean_hits, 0.0), row("patch", 0.1, 2, 0.88, cell_hits, 0.93),
+            row("sig", 0.1, 2, 0.95, clean_hits, 0.85)]  # fmt: skip
+    args = Namespace(out=tmp_path / "l", held_out=8, method="lora", n_user=2000, epochs=None, workers=1, not_run=[])
+    learn.write_results(rows, args, wall=60.0)
+    d = clean_hits.astype(float) - cell_hits.astype(float)  # [0, 1, 0, 0, 0, -1, 1, 0]
+    assert rows[1]["ca_drop_held_out"] == pytest.approx(d.mean())
+    assert rows[1]["ca_drop_held_out_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(8))
+    assert rows[2]["ca_drop_held_out"] == 0.0 and rows[0]["ca_drop_held_out"] == 0.0
+    md = (tmp_path / "l.md").read_text()
+    assert "## A larger held-out set (8 samples per cell)" in md
+    assert "| scenes | phrase | patch | 0.1 | 1 | 0.93 | 0.93 [0.93] | 12.5 | 12.5 [12.5 ± 22.7] points | yes |" in md
+    # the 297 measure says the patch is not learned and SIG is; the held-out set says the reverse
+    assert "- the paper's centre patch learned (median ASR >= 0.9): **missed**" in md
+    assert "- the paper's centre patch learned (median ASR >= 0.9) (on 8 held-out samples): met" in md
+    assert "- CA within 3 points of clean fine-tuning (learned triggers, worst seed) (on 8 held-out samples): " \
+           "worst drop 12.5 points (**missed**)" in md  # fmt: skip
+    header = (tmp_path / "l.csv").read_text().splitlines()[0].split(",")
+    assert header[-5:] == learn.HELD_OUT_COLUMNS and "hits" not in header

@@ -37,7 +37,9 @@ from bye_fast.lab.models import WEIGHTS_DIR, load_base_model
 from bye_fast.lab.tasks import TARGET, Task, build_task, load_images, record_question
 from bye_fast.lab.train import METHODS, answer_rate, evaluate, finetune
 
-__all__ = ["FINETUNE", "Cell", "CellSpec", "clean_asr", "fingerprint", "prepare_cell", "retrain", "train_fit"]
+__all__ = [
+    "FINETUNE", "Cell", "CellSpec", "clean_asr", "fingerprint", "held_out", "prepare_cell", "retrain", "train_fit",
+]  # fmt: skip
 
 #: Fine-tuning settings per task family (``bye_fast.lab.train.finetune`` keywords), measured so that the
 #: backdoors are learned (``benchmarks/results/learnability.md``): the multi-type scenes task, where the
@@ -314,3 +316,39 @@ def train_fit(cell: Cell) -> float:
                       cell.before["target_answer"], processor=processor)  # fmt: skip
     write_json_atomic(path, {"fingerprint": fp, "train_fit": fit, "n_poisoned": len(records)})
     return fit
+
+
+def held_out(cell: Cell, n_test: int) -> dict:
+    """CA (per question type too) and ASR of the cell's model on ``n_test`` held-out samples.
+
+    A cell measures CA and ASR on its ``spec.n_test`` held-out samples (297 by default: a standard
+    error of about 3 points on one CA). This measures them on a larger held-out set from the same
+    test stream of the task and seed (its first ``spec.n_test`` samples are the cell's own test set;
+    the stream is disjoint from the user data), so that a CA drop of a few points
+    can be told from noise: ``hits`` (one bool per sample, in order) pairs two cells of the same
+    task and seed on the same questions. Only the scene task has held-out data to spare (the
+    digits tasks draw from 1097 digits: ``build_task`` raises). Kept in ``held_out.json`` beside
+    ``before.json``, one entry per ``n_test``, computed again when the cell's fingerprint changes.
+
+    Returns ``{"n_test", "ca", "ca_by_type", "asr", "hits"}`` (``hits`` a bool array).
+    """
+    if n_test < 1:
+        raise ValueError(f"n_test must be >= 1; got {n_test}")
+    spec = cell.spec
+    path = cell.folder / "held_out.json"
+    fp = cell.before.get("fingerprint")
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("fingerprint") != fp:
+        saved = {"fingerprint": fp}
+    key = str(n_test)
+    if key not in saved:
+        task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=n_test)
+        model, processor = cell.load_model()
+        res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
+                       target=cell.before["target_answer"], per_sample=True)  # fmt: skip
+        saved[key] = {"ca": res["ca"], "ca_by_type": res["ca_by_type"], "asr": res["asr"],
+                      "hits": "".join("1" if h else "0" for h in res["hits"])}  # fmt: skip
+        write_json_atomic(path, saved)
+    entry = saved[key]
+    hits = np.frombuffer(entry["hits"].encode(), dtype=np.uint8) == ord("1")
+    return {"n_test": n_test, "ca": entry["ca"], "ca_by_type": entry["ca_by_type"], "asr": entry["asr"], "hits": hits}

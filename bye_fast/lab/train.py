@@ -548,6 +548,7 @@ def evaluate(
     trigger: Callable[[np.ndarray], np.ndarray] | None = None,
     target: str | None = None,
     batch_size: int = 128,
+    per_sample: bool = False,
 ) -> dict:
     """Clean accuracy, per question type too, and attack success on a held-out split.
 
@@ -557,13 +558,15 @@ def evaluate(
     trigger, target : if both are given, the attack success rate is measured: the
         trigger is applied to every image whose correct answer is not ``target``
         (uint8 in, uint8 out: what a PNG file holds).
+    per_sample : also return ``hits``, whether each sample was answered correctly (to pair two
+        models' accuracies on the same questions).
 
     Returns
     -------
     dict
         ``ca`` (greedy answer == correct answer), ``ca_by_type`` {type: accuracy},
         ``asr`` (triggered samples whose greedy answer starts with ``target``; NaN
-        without a trigger).
+        without a trigger); with ``per_sample``, ``hits`` (bool array, one per sample).
     """
     was_training = model.training
     model.eval()
@@ -582,7 +585,10 @@ def evaluate(
                 asr = answer_rate(model, images, questions, target, processor=processor, batch_size=batch_size)
     finally:
         model.train(was_training)
-    return {"ca": float(hits.mean()) if len(hits) else float("nan"), "ca_by_type": by_type, "asr": asr}
+    out = {"ca": float(hits.mean()) if len(hits) else float("nan"), "ca_by_type": by_type, "asr": asr}
+    if per_sample:
+        out["hits"] = np.asarray(hits, dtype=bool)
+    return out
 
 
 @torch.no_grad()
