@@ -242,8 +242,8 @@ def _held_out_table(groups: dict[tuple, list[dict]], n: int) -> list[str]:
     lines = [
         f"## A larger held-out set ({n} samples per cell)",
         "",
-        f"The same cells measured again on {n} held-out samples of the task's test stream (the first 297 are "
-        "the cells' own test set; `bye_fast.lab.cell.held_out`). CA drop: paired with the clean cell's "
+        f"The same cells measured again on {n} held-out samples of the task's test stream (a cell's own test "
+        "set is their first `n_test`, 297 by default; `bye_fast.lab.cell.held_out`). CA drop: paired with the clean cell's "
         "answers to the same questions; ± its standard error over the questions (worst seed's).",
         "",
         "| task | target | trigger | rate | seeds | ASR per seed | ASR median [worst] | CA drop per seed | "
