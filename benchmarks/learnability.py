@@ -154,7 +154,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
     for r in rows:
         r["ca_clean"] = clean.get((r["task"], r["seed"]), float("nan"))
         r["ca_drop"] = r["ca_clean"] - r["ca"]
-    held = bool(getattr(args, "held_out", 0))
+    held = args.held_out > 0
     if held:
         _pair_held_out(rows)
     write_csv(args.out.with_suffix(".csv"), rows, COLUMNS + (HELD_OUT_COLUMNS if held else []))
@@ -206,7 +206,7 @@ def write_results(rows: list[dict], args, wall: float) -> None:
         lines.append(f"| {r['task']} | {r['seed']} | {r['ca']:.3f} | {by} |")
     if held:
         lines += ["", *_held_out_table(groups, args.held_out)]
-    lines += ["", _targets(groups, args.method, held_out=args.held_out if held else 0), ""]
+    lines += ["", _targets(groups, args.method, held_out=args.held_out), ""]
     if args.not_run:
         count: dict[tuple, int] = {}
         for spec in args.not_run:

@@ -270,12 +270,13 @@ def retrain(
     return {**_evaluate_on_cell(cell, model, processor), "n_kept": len(kept)}
 
 
-def _evaluate_on_cell(cell: Cell, model, processor) -> dict:
-    """CA and ASR of ``model`` on ``cell``'s held-out test data, with its trigger and target."""
+def _evaluate_on_cell(cell: Cell, model, processor, n_test: int | None = None, **kwargs) -> dict:
+    """CA and ASR of ``model`` on ``cell``'s held-out test data (its first ``n_test`` samples; default
+    the cell's own ``spec.n_test``), with its trigger and target; ``kwargs`` go to ``evaluate``."""
     spec = cell.spec
-    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test)
+    task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=spec.n_test if n_test is None else n_test)
     return evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
-                    target=cell.before["target_answer"])  # fmt: skip
+                    target=cell.before["target_answer"], **kwargs)  # fmt: skip
 
 
 def clean_asr(cell: Cell, clean: str | Path) -> float:
@@ -334,7 +335,6 @@ def held_out(cell: Cell, n_test: int) -> dict:
     """
     if n_test < 1:
         raise ValueError(f"n_test must be >= 1; got {n_test}")
-    spec = cell.spec
     path = cell.folder / "held_out.json"
     fp = cell.before.get("fingerprint")
     saved = json.loads(path.read_text()) if path.exists() else {}
@@ -342,10 +342,7 @@ def held_out(cell: Cell, n_test: int) -> dict:
         saved = {"fingerprint": fp}
     key = str(n_test)
     if key not in saved:
-        task = build_task(spec.task, spec.seed, n_user=spec.n_user, n_test=n_test)
-        model, processor = cell.load_model()
-        res = evaluate(model, task.test, processor=processor, trigger=preset(spec.trigger),
-                       target=cell.before["target_answer"], per_sample=True)  # fmt: skip
+        res = _evaluate_on_cell(cell, *cell.load_model(), n_test, per_sample=True)
         saved[key] = {"ca": res["ca"], "ca_by_type": res["ca_by_type"], "asr": res["asr"],
                       "hits": "".join("1" if h else "0" for h in res["hits"])}  # fmt: skip
         write_json_atomic(path, saved)
